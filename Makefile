@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each creates the
+# virtualenv on first use; the local Kafka broker's jars are fetched once into ~/.cache.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test test-unit lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+install: $(BIN)/.installed
+
+## The main job: a real multi-stage pipeline over a real local broker.
+demo: $(BIN)/.installed
+	$(BIN)/python -m examples.demo
+
+## Everything CI checks: lint, types, unit and integration tests against a real broker.
+test: $(BIN)/.installed lint
+	$(BIN)/pytest -q
+
+## Fast loop: unit tests only (no broker).
+test-unit: $(BIN)/.installed
+	$(BIN)/pytest -q tests/unit
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check pipeline stages tests examples
+	$(BIN)/ruff format --check pipeline stages tests examples
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,121 @@
+"""Pick the Kafka broker that tests, the demo and benchmarks talk to.
+
+Order: an existing cluster named by ``PIPELINE_BOOTSTRAP``; else a testcontainers Kafka when a
+Docker engine answers; else the project's local JVM broker (:class:`LocalBroker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import BrokerUnavailableError
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+KAFKA_IMAGE = "apache/kafka:{version}"
+
+
+def probe(bootstrap: str, timeout: float = 5.0) -> bool:
+    """Whether a broker at ``bootstrap`` answers a metadata request within ``timeout``."""
+    from aiokafka import AIOKafkaClient
+
+    async def ask() -> bool:
+        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        try:
+            await asyncio.wait_for(client.bootstrap(), timeout)
+            return bool(client.cluster.brokers())
+        except Exception:  # any failure means "not answering"; the caller decides what to say
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("probe() is synchronous; call it outside a running event loop")
+    # While a broker starts, connection refusals are expected: keep aiokafka from logging them.
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(ask())
+    finally:
+        client_log.setLevel(level)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerHandle:
+    """A broker to talk to: its bootstrap address and where it came from."""
+
+    bootstrap: str
+    source: str  # "PIPELINE_BOOTSTRAP", "testcontainers" or "local"
+
+
+def docker_answers() -> bool:
+    """Whether a Docker engine answers (the ``docker`` client alone is not enough)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # no SDK, no socket, no permission: all mean "no engine"
+        return False
+
+
+@contextlib.contextmanager
+def open_broker(settings: Settings, workdir: Path | None = None) -> Iterator[BrokerHandle]:
+    """Provide a broker for the duration of a ``with`` block.
+
+    Args:
+        settings: Where ``bootstrap``, ``use_docker``, ``home`` and the JVM options come from.
+        workdir: Work directory for a local broker started here (a temporary one by default).
+
+    Raises:
+        BrokerUnavailableError: ``PIPELINE_BOOTSTRAP`` is set but nothing answers there.
+        LocalBrokerError: The local broker cannot be provisioned or started.
+    """
+    if settings.bootstrap:
+        if not probe(settings.bootstrap, timeout=10.0):
+            raise BrokerUnavailableError(
+                f"No Kafka broker answers at {settings.bootstrap} (from PIPELINE_BOOTSTRAP). "
+                f"Check the address, or unset PIPELINE_BOOTSTRAP to use a local broker."
+            )
+        yield BrokerHandle(settings.bootstrap, "PIPELINE_BOOTSTRAP")
+        return
+    if settings.use_docker and docker_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        image = KAFKA_IMAGE.format(version=settings.kafka_version)
+        with KafkaContainer(image).with_kraft() as container:
+            yield BrokerHandle(container.get_bootstrap_server(), "testcontainers")
+        return
+    import tempfile
+
+    from pipeline.broker.jars import ensure_jars
+    from pipeline.broker.local import LocalBroker, find_java
+
+    java, _ = find_java(settings.java_home)
+    jars = ensure_jars(settings.home, settings.kafka_version)
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kafka-")))
+        broker = LocalBroker(workdir, jars=jars, java=java, heap_mb=settings.broker_heap_mb)
+        bootstrap = broker.start()
+        stack.callback(broker.stop)
+        log.info("local Kafka broker at %s", bootstrap)
+        yield BrokerHandle(bootstrap, "local")

@@ -1,0 +1,132 @@
+"""The framework's errors: one root, translated library errors, context where known.
+
+Every error the framework raises derives from :class:`PipelineError`. Library errors (aiokafka,
+fastavro, avro, OS) are translated at the boundary with ``raise ... from exc`` so a user sees
+what went wrong and where, never a traceback from deep inside a library.
+
+Tree::
+
+    PipelineError
+    ├── ConfigError                 bad settings or arguments
+    ├── DefinitionError             a pipeline or stage that cannot be built
+    │   └── SchemaError             a malformed .avsc, an unknown schema name
+    │       └── SchemaCompatibilityError   stage N's output unreadable by stage N+1
+    ├── CodecError                  bytes that are not a valid record (poison)
+    │   ├── DecodeError
+    │   └── EncodeError
+    ├── BrokerError                 talking to Kafka failed
+    │   ├── BrokerUnavailableError  no broker answers at the bootstrap address
+    │   └── TopicError              a topic is missing or has the wrong shape
+    ├── LocalBrokerError            the project's local Kafka broker cannot run
+    │   ├── JavaNotFoundError
+    │   ├── JarsUnavailableError
+    │   ├── PortInUseError
+    │   └── BrokerStartError
+    └── StageError                  a stage function failed (retriable or fatal)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PipelineError(Exception):
+    """Root of every error this framework raises.
+
+    Args:
+        message: What went wrong, in one sentence a user can act on.
+        retriable: Whether trying the same thing again may succeed.
+        **context: Where it happened (stage, topic, partition, offset, file, ...).
+
+    Example:
+        >>> err = PipelineError("boom", topic="orders", partition=2)
+        >>> str(err)
+        'boom [topic=orders, partition=2]'
+    """
+
+    retriable: bool = False
+
+    def __init__(self, message: str, *, retriable: bool | None = None, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if retriable is not None:
+            self.retriable = retriable
+        self.context = {k: v for k, v in context.items() if v is not None}
+
+    def __str__(self) -> str:
+        if not self.context:
+            return self.message
+        where = ", ".join(f"{k}={v}" for k, v in self.context.items())
+        return f"{self.message} [{where}]"
+
+
+class ConfigError(PipelineError):
+    """Settings or arguments that cannot work."""
+
+
+class DefinitionError(PipelineError):
+    """A pipeline, stage or topology that cannot be built."""
+
+
+class SchemaError(DefinitionError):
+    """A malformed Avro schema file or an unknown schema name."""
+
+
+class SchemaCompatibilityError(SchemaError):
+    """A writer schema whose data the reader schema cannot read."""
+
+
+class CodecError(PipelineError):
+    """Bytes that are not a valid record, or a value that breaks its schema."""
+
+
+class DecodeError(CodecError):
+    """Bytes that cannot be decoded: truncated, corrupt, or an unknown schema fingerprint."""
+
+
+class EncodeError(CodecError):
+    """A value that does not match the schema it is written with."""
+
+
+class BrokerError(PipelineError):
+    """A Kafka operation failed."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """No Kafka broker answered at the bootstrap address."""
+
+    retriable = True
+
+
+class TopicError(BrokerError):
+    """A topic is missing, or its shape (partitions, config) breaks the pipeline's contract."""
+
+
+class LocalBrokerError(PipelineError):
+    """The project's local Kafka broker cannot be provisioned or started."""
+
+
+class JavaNotFoundError(LocalBrokerError):
+    """No usable Java runtime (17 or newer) was found."""
+
+
+class JarsUnavailableError(LocalBrokerError):
+    """The broker's jars are not cached and cannot be fetched."""
+
+
+class PortInUseError(LocalBrokerError):
+    """A port the broker must listen on is already taken."""
+
+
+class BrokerStartError(LocalBrokerError):
+    """The broker process exited or did not answer during start."""
+
+
+class StageError(PipelineError):
+    """Raised by stage code to choose how a failure is handled.
+
+    ``StageError(msg, retriable=True)`` asks for a retry with backoff; ``retriable=False``
+    sends the record to the dead-letter topic at once.
+    """
+
+    retriable = True

@@ -1,1 +1,1 @@
-"""Reusable filter stages (validate, enrich, route, window, throttle, I/O), built on ``pipeline``."""
+"""Reusable filter stages (validate, enrich, route, window, throttle, I/O) on ``pipeline``."""

@@ -4,6 +4,54 @@ The public API is re-exported here; everything else is internal.
 """
 
 from pipeline.config import Settings
-from pipeline.errors import PipelineError
+from pipeline.dsl import Delivery, Names, Pipeline, StageNode, TopicPolicy
+from pipeline.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    CodecError,
+    ConfigError,
+    DecodeError,
+    DefinitionError,
+    EncodeError,
+    PipelineError,
+    SchemaCompatibilityError,
+    SchemaError,
+    StageError,
+    TopicError,
+)
+from pipeline.publish import Publisher, SyncPublisher
+from pipeline.record import Emit, Record
+from pipeline.schema import Codec, Schema, SchemaStore
+from pipeline.stage import DedupPolicy, RetryPolicy, Stage, stage
 
-__all__ = ["PipelineError", "Settings"]
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailableError",
+    "Codec",
+    "CodecError",
+    "ConfigError",
+    "DecodeError",
+    "DedupPolicy",
+    "DefinitionError",
+    "Delivery",
+    "Emit",
+    "EncodeError",
+    "Names",
+    "Pipeline",
+    "PipelineError",
+    "Publisher",
+    "Record",
+    "RetryPolicy",
+    "Schema",
+    "SchemaCompatibilityError",
+    "SchemaError",
+    "SchemaStore",
+    "Settings",
+    "Stage",
+    "StageError",
+    "StageNode",
+    "SyncPublisher",
+    "TopicError",
+    "TopicPolicy",
+    "stage",
+]

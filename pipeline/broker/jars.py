@@ -101,9 +101,15 @@ def _fetch_with_maven(mvn: str, version: str, out: Path) -> None:
             _POM.format(kafka=version, log4j=LOG4J_VERSION, plugin=DEPENDENCY_PLUGIN_VERSION)
         )
         cmd = [
-            mvn, "-q", "-B", "-f", str(work / "pom.xml"),
-            "dependency:copy-dependencies", f"-DoutputDirectory={out}", "-DincludeScope=runtime",
-        ]  # fmt: skip
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(work / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={out}",
+            "-DincludeScope=runtime",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -190,11 +190,16 @@ class LocalBroker:
             self._format(java, jars, config)
         bootstrap = f"127.0.0.1:{port}"
         cmd = [
-            str(java), f"-Xms{min(128, self.heap_mb)}m", f"-Xmx{self.heap_mb}m",
+            str(java),
+            f"-Xms{min(128, self.heap_mb)}m",
+            f"-Xmx{self.heap_mb}m",
             "-XX:+UseSerialGC",
             f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
-            "-cp", f"{jars}/*", "kafka.Kafka", str(config),
-        ]  # fmt: skip
+            "-cp",
+            f"{jars}/*",
+            "kafka.Kafka",
+            str(config),
+        ]
         with self.log_file.open("ab") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -270,6 +275,12 @@ class LocalBroker:
             uptime_s=time.time() - float(state["started"]),
             workdir=self.workdir,
         )
+
+    def address(self) -> str | None:
+        """The bootstrap address of the running broker (no network call), or ``None``."""
+        if self._live_pid() is None:
+            return None
+        return str(json.loads(self._state_file.read_text())["bootstrap"])
 
     def log_tail(self, lines: int = 15) -> str:
         """The last lines of the broker's log, for error messages."""
@@ -349,9 +360,18 @@ class LocalBroker:
 
     def _format(self, java: Path, jars: Path, config: Path) -> None:
         cmd = [
-            str(java), "-Xmx256m", "-cp", f"{jars}/*", "kafka.tools.StorageTool",
-            "format", "-t", _cluster_id(), "-c", str(config), "--ignore-formatted",
-        ]  # fmt: skip
+            str(java),
+            "-Xmx256m",
+            "-cp",
+            f"{jars}/*",
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            _cluster_id(),
+            "-c",
+            str(config),
+            "--ignore-formatted",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             out = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])

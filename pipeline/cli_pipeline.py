@@ -1,0 +1,254 @@
+"""``pipeline run | graph | topics | publish | tail``: thin commands over the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.config import Settings
+from pipeline.errors import CodecError, ConfigError, DecodeError, PipelineError
+from pipeline.loader import load_pipeline
+
+out = Console()
+err = Console(stderr=True)
+
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--bootstrap",
+        "-b",
+        help="Bootstrap servers (default: PIPELINE_BOOTSTRAP, "
+        "else the broker of 'pipeline kafka start').",
+    ),
+]
+KEY_HELP = "Sequence-key field (default: the schema's 'sequence_key' attribute)."
+SchemasOpt = Annotated[Path, typer.Option(help="Directory of .avsc files.")]
+
+
+def bootstrap_address(given: str | None) -> str:
+    """``--bootstrap``, else ``PIPELINE_BOOTSTRAP``, else the running local broker."""
+    if given:
+        return given
+    settings = Settings()
+    if settings.bootstrap:
+        return settings.bootstrap
+    from pipeline.broker import LocalBroker
+
+    address = LocalBroker(settings.home / "broker").address()
+    if address:
+        return address
+    raise ConfigError(
+        "no Kafka broker: pass --bootstrap, set PIPELINE_BOOTSTRAP, or start the local "
+        "broker with 'pipeline kafka start'"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the pipeline commands to the ``pipeline`` CLI."""
+    topics_app = typer.Typer(help="Create and check a pipeline's topics.", no_args_is_help=True)
+    app.add_typer(topics_app, name="topics")
+    app.command("run")(run)
+    app.command("graph")(graph)
+    app.command("publish")(publish)
+    app.command("tail")(tail)
+    topics_app.command("create")(topics_create)
+
+
+def run(
+    ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")],
+    stage: Annotated[list[str] | None, typer.Option("--stage", "-s", help="Stage to run.")] = None,
+    all_stages: Annotated[bool, typer.Option("--all", help="Run every stage here.")] = False,
+    bootstrap: BootstrapOpt = None,
+    stats_file: Annotated[Path | None, typer.Option(help="Write JSON counters here.")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
+    max_records: Annotated[int, typer.Option(help="Records per fetch.")] = 2000,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Run one stage (N copies = N competing consumers), or --all stages for development."""
+    from pipeline.runtime.runner import RunOptions, run_stages
+    from pipeline.runtime.transport import Batching
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    pipeline = load_pipeline(ref)
+    if all_stages == bool(stage):
+        raise ConfigError("say which stages to run: --stage NAME (repeatable) or --all")
+    names = [s.name for s in pipeline.stages] if all_stages else list(stage or [])
+    options = RunOptions(
+        batching=Batching(max_records=max_records),
+        shutdown_timeout=shutdown_timeout,
+        stats_file=stats_file,
+    )
+    stats = asyncio.run(run_stages(pipeline, names, bootstrap_address(bootstrap), options=options))
+    for s in stats:
+        err.print(json.dumps(s.as_dict()), highlight=False)
+
+
+def graph(ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")]) -> None:
+    """Print the topology: stages, their topics and groups."""
+    pipeline = load_pipeline(ref)
+    table = Table(
+        title=f"pipeline {pipeline.name} ({pipeline.delivery.value}, "
+        f"{pipeline.topics.partitions} partitions, key '{pipeline.key}')"
+    )
+    for col in ("#", "stage", "input topic", "output topic", "dead letters", "state", "group"):
+        table.add_column(col)
+    for node in pipeline.nodes():
+        table.add_row(
+            str(node.index + 1),
+            f"{node.name} ({node.stage.input} -> {node.stage.output})",
+            node.input_topic,
+            node.output_topic or "(sink)",
+            node.dlq_topic,
+            node.state_topic,
+            node.group,
+        )
+    out.print(table)
+
+
+def topics_create(
+    ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")],
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """Create the pipeline's topics (source, outputs, dead letters, state); check existing ones."""
+    from pipeline.runtime.topics import ensure_topics, topic_specs
+
+    pipeline = load_pipeline(ref)
+    specs = topic_specs(pipeline)
+    created = asyncio.run(ensure_topics(bootstrap_address(bootstrap), specs))
+    for spec in specs:
+        mark = "created" if spec.name in created else "exists "
+        out.print(f"{mark} {spec.name} ({spec.role}, {spec.partitions} partitions)")
+
+
+def publish(
+    topic: Annotated[str, typer.Argument()],
+    file: Annotated[Path, typer.Argument(metavar="FILE.jsonl", exists=True, dir_okay=False)],
+    schema: Annotated[str, typer.Option(help="Full name of the input schema.")],
+    key: Annotated[
+        str | None,
+        typer.Option(help="Sequence-key field (default: the schema's 'sequence_key' attribute)."),
+    ] = None,
+    schemas: SchemasOpt = Path("schemas"),
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """Publish one event per JSON line; report sent and rejected lines (with reasons)."""
+    from pipeline.publish import Publisher
+    from pipeline.schema import SchemaStore
+
+    store = SchemaStore.from_directory(schemas)
+    codec = store.codec(schema)
+    raw = codec.schema.raw
+    key_field = key or (raw.get("sequence_key") if isinstance(raw, dict) else None)
+    if not key_field:
+        raise ConfigError(f'no sequence key: pass --key FIELD (or add "sequence_key" to {schema})')
+    rejected: list[tuple[int, str]] = []
+    total = sum(1 for _ in file.open("rb"))
+
+    address = bootstrap_address(bootstrap)
+
+    async def go() -> int:
+        async with Publisher(address, topic, codec, key_field) as pub:
+            with Progress(
+                TextColumn("publishing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err,
+                transient=False,
+            ) as bar:
+                task = bar.add_task("publish", total=total)
+                with file.open(encoding="utf-8") as lines:
+                    for lineno, line in enumerate(lines, 1):
+                        bar.advance(task)
+                        if not line.strip():
+                            continue
+                        try:
+                            await pub.publish(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            rejected.append(
+                                (lineno, f"invalid JSON: {exc.msg} at column {exc.colno}")
+                            )
+                        except CodecError as exc:
+                            rejected.append((lineno, str(exc)))
+            await pub.flush()
+            return pub.sent
+
+    sent = asyncio.run(go())
+    out.print(f"sent {sent}, rejected {len(rejected)} to {topic}")
+    for lineno, reason in rejected[:50]:
+        out.print(f"  line {lineno}: {reason}", highlight=False)
+    if len(rejected) > 50:
+        out.print(f"  ... and {len(rejected) - 50} more")
+    if rejected:
+        raise typer.Exit(2)
+
+
+def tail(
+    topic: Annotated[str, typer.Argument()],
+    schemas: SchemasOpt = Path("schemas"),
+    limit: Annotated[int, typer.Option(help="Stop after N records (0: follow).")] = 20,
+    from_beginning: Annotated[bool, typer.Option(help="Start at the oldest record.")] = True,
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """Print a topic's records, decoded (raw bytes when they are not valid records)."""
+    from aiokafka import AIOKafkaConsumer
+
+    from pipeline.record import SEQ_HEADER, decode_seq
+    from pipeline.schema import SchemaStore
+
+    store = SchemaStore.from_directory(schemas)
+    address = bootstrap_address(bootstrap)
+
+    def decode(data: bytes | None) -> Any:
+        schema = store.by_fingerprint(data[2:10]) if data and len(data) >= 10 else None
+        if schema is None:
+            return f"<{len(data or b'')} raw bytes: {(data or b'')[:40]!r}>"
+        try:
+            return store.codec(schema.name).decode(data)  # type: ignore[arg-type]
+        except DecodeError as exc:
+            return f"<undecodable: {exc}>"
+
+    async def go() -> None:
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=address,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            isolation_level="read_committed",
+        )
+        await consumer.start()
+        shown = 0
+        try:
+            while not limit or shown < limit:
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    for r in records:
+                        seq = dict(r.headers).get(SEQ_HEADER)
+                        key = (r.key or b"").decode(errors="replace")
+                        shown_seq = decode_seq(seq) if seq else "-"
+                        out.print(
+                            f"{r.partition}@{r.offset} key={key} seq={shown_seq} {decode(r.value)}",
+                            highlight=False,
+                        )
+                        shown += 1
+                        if limit and shown >= limit:
+                            return
+        finally:
+            await consumer.stop()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+    except PipelineError:
+        raise

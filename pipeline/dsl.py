@@ -1,0 +1,250 @@
+"""The pipeline DSL: an immutable description of stages joined by topics.
+
+``Pipeline(...) | stage_a | stage_b`` returns a new pipeline at each step and validates as it
+goes: unique stage names, known schemas, the sequence key in the source schema, and each
+stage's output readable by the next stage's input. The runtime compiles the description
+(:meth:`Pipeline.nodes`) into one worker per stage.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DefinitionError, SchemaError
+from pipeline.schema import SchemaStore, check_compatible
+from pipeline.stage import Stage
+
+
+class Delivery(enum.Enum):
+    """Delivery guarantee of a pipeline's stages."""
+
+    AT_LEAST_ONCE = "at_least_once"
+    EXACTLY_ONCE = "exactly_once"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicPolicy:
+    """How the pipeline's topics are created.
+
+    Example:
+        >>> TopicPolicy(partitions=6).replication
+        1
+    """
+
+    partitions: int = 3
+    replication: int = 1
+    create: bool = True  # create missing topics when a stage starts
+
+    def __post_init__(self) -> None:
+        if self.partitions < 1 or self.replication < 1:
+            raise DefinitionError("TopicPolicy: partitions and replication must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Topic and group names of one stage; ``None`` means the default from DESIGN.md."""
+
+    output: str | None = None
+    dlq: str | None = None
+    state: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StageNode:
+    """One stage compiled into its place in the topology."""
+
+    pipeline: str
+    stage: Stage
+    index: int
+    input_topic: str
+    output_topic: str | None
+    dlq_topic: str
+    state_topic: str
+    group: str
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """A chain of stages joined by Kafka topics.
+
+    Args:
+        name: Pipeline name; prefix of every topic and group it owns.
+        source: The input topic applications publish to.
+        key: Field of the first stage's input schema that is the sequence key.
+        schemas: A :class:`SchemaStore` or a directory of ``.avsc`` files.
+        topics: How topics are created.
+        delivery: At-least-once (default) or exactly-once.
+
+    Example:
+        >>> p = Pipeline("orders", source="orders.in", key="id", schemas=store)  # doctest: +SKIP
+        >>> p = p | validate | enrich                                          # doctest: +SKIP
+        >>> [n.output_topic for n in p.nodes()]                                # doctest: +SKIP
+        ['orders.validate', 'orders.enrich']
+    """
+
+    name: str
+    source: str
+    key: str
+    schemas: SchemaStore = field(repr=False)
+    stages: tuple[Stage, ...] = ()
+    names: tuple[Names, ...] = ()
+    topics: TopicPolicy = TopicPolicy()
+    delivery: Delivery = Delivery.AT_LEAST_ONCE
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        source: str,
+        key: str,
+        schemas: SchemaStore | str | Path = "schemas",
+        topics: TopicPolicy | None = None,
+        delivery: Delivery | str = Delivery.AT_LEAST_ONCE,
+        stages: tuple[Stage, ...] = (),
+        names: tuple[Names, ...] = (),
+    ) -> None:
+        if not name or any(c in name for c in " /\\:"):
+            raise DefinitionError(f"pipeline name {name!r} is not valid (no spaces, '/', ':')")
+        store = schemas if isinstance(schemas, SchemaStore) else SchemaStore.from_directory(schemas)
+        try:
+            delivery = Delivery(delivery)
+        except ValueError:
+            raise DefinitionError(
+                f"pipeline '{name}': delivery {delivery!r} is not one of "
+                f"{', '.join(d.value for d in Delivery)}"
+            ) from None
+        for attr, value in (
+            ("name", name),
+            ("source", source),
+            ("key", key),
+            ("schemas", store),
+            ("topics", topics or TopicPolicy()),
+            ("delivery", delivery),
+            ("stages", stages),
+            ("names", names),
+        ):
+            object.__setattr__(self, attr, value)
+
+    def __or__(self, other: Stage) -> Pipeline:
+        return self.then(other)
+
+    def then(
+        self,
+        stage: Stage,
+        *,
+        output_topic: str | None = None,
+        dlq_topic: str | None = None,
+        state_topic: str | None = None,
+        group: str | None = None,
+    ) -> Pipeline:
+        """Return a new pipeline with ``stage`` appended (names optionally overridden).
+
+        Raises:
+            DefinitionError: A duplicate stage name, a stage after a sink, an unknown schema.
+            SchemaCompatibilityError: The previous stage's output cannot be read as this
+                stage's input; the message names both stages and the field.
+        """
+        if not isinstance(stage, Stage):
+            raise DefinitionError(
+                f"pipeline '{self.name}': {stage!r} is not a Stage (decorate it with @stage)"
+            )
+        if any(s.name == stage.name for s in self.stages):
+            raise DefinitionError(
+                f"pipeline '{self.name}' already has a stage named '{stage.name}'"
+            )
+        reader = self._schema(stage, stage.input)
+        if stage.output is not None:
+            self._schema(stage, stage.output)
+        if not self.stages:
+            self._check_key(stage, reader.raw)
+        else:
+            prev = self.stages[-1]
+            if prev.output is None:
+                raise DefinitionError(
+                    f"pipeline '{self.name}': stage '{stage.name}' follows '{prev.name}', "
+                    f"which is a sink (output=None)"
+                )
+            check_compatible(
+                self.schemas.get(prev.output),
+                reader,
+                writer_label=f"stage '{prev.name}'",
+                reader_label=f"stage '{stage.name}'",
+            )
+        return replace(
+            self,
+            stages=(*self.stages, stage),
+            names=(*self.names, Names(output_topic, dlq_topic, state_topic, group)),
+        )
+
+    def with_topics(self, topics: TopicPolicy) -> Pipeline:
+        """Return a copy with another topic policy."""
+        return replace(self, topics=topics)
+
+    def with_delivery(self, delivery: Delivery | str) -> Pipeline:
+        """Return a copy with another delivery guarantee."""
+        return replace(self, delivery=Delivery(delivery))
+
+    def nodes(self) -> list[StageNode]:
+        """The compiled topology: one node per stage, with its topics and group."""
+        nodes: list[StageNode] = []
+        upstream = self.source
+        for i, (stage, names) in enumerate(zip(self.stages, self.names, strict=True)):
+            base = f"{self.name}.{stage.name}"
+            output = None if stage.output is None else (names.output or base)
+            nodes.append(
+                StageNode(
+                    pipeline=self.name,
+                    stage=stage,
+                    index=i,
+                    input_topic=upstream,
+                    output_topic=output,
+                    dlq_topic=names.dlq or f"{base}.dlq",
+                    state_topic=names.state or f"{base}.state",
+                    group=names.group or base,
+                )
+            )
+            upstream = output or ""
+        return nodes
+
+    def node(self, stage_name: str) -> StageNode:
+        """The node of stage ``stage_name``.
+
+        Raises:
+            DefinitionError: No such stage; the message lists the pipeline's stages.
+        """
+        for node in self.nodes():
+            if node.name == stage_name:
+                return node
+        known = ", ".join(s.name for s in self.stages) or "none"
+        raise DefinitionError(
+            f"pipeline '{self.name}' has no stage named '{stage_name}'; its stages: {known}"
+        )
+
+    @property
+    def sink_topic(self) -> str | None:
+        """The last stage's output topic (``None`` when the last stage is a sink)."""
+        nodes = self.nodes()
+        return nodes[-1].output_topic if nodes else None
+
+    def _schema(self, stage: Stage, name: str) -> Any:
+        try:
+            return self.schemas.get(name)
+        except SchemaError as exc:
+            raise SchemaError(f"pipeline '{self.name}', stage '{stage.name}': {exc}") from exc
+
+    def _check_key(self, stage: Stage, raw: Any) -> None:
+        fields = [f.get("name") for f in raw.get("fields", [])] if isinstance(raw, dict) else []
+        if self.key not in fields:
+            raise DefinitionError(
+                f"pipeline '{self.name}': sequence key '{self.key}' is not a field of "
+                f"{stage.input}, the input of the first stage '{stage.name}' "
+                f"(fields: {', '.join(map(str, fields)) or 'none'})"
+            )

@@ -1,0 +1,147 @@
+"""Run one stage (or all stages, for development) until a signal asks it to stop.
+
+``pipeline run MODULE:PIPELINE --stage NAME`` calls :func:`run_stages` with one stage; N copies
+of that command are N competing consumers in the stage's group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.dsl import Pipeline, StageNode
+from pipeline.runtime.kafka import KafkaTransport
+from pipeline.runtime.stats import StageStats
+from pipeline.runtime.topics import ensure_topics, topic_specs
+from pipeline.runtime.transport import Batching
+from pipeline.runtime.worker import StageWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How stage workers run.
+
+    Example:
+        >>> RunOptions(shutdown_timeout=5).create_topics
+        True
+    """
+
+    batching: Batching = Batching()
+    create_topics: bool = True
+    shutdown_timeout: float = 30.0  # after SIGTERM: finish, commit and leave within this
+    session_timeout_ms: int = 10_000
+    stats_file: Path | None = None  # JSON counters, rewritten every stats_interval
+    stats_interval: float = 1.0
+
+
+async def run_stages(
+    pipeline: Pipeline,
+    stage_names: list[str],
+    bootstrap: str,
+    *,
+    options: RunOptions = RunOptions(),
+    stop: asyncio.Event | None = None,
+    on_stats: Callable[[list[StageStats]], None] | None = None,
+) -> list[StageStats]:
+    """Run the named stages in this process until ``stop`` is set (or SIGTERM/SIGINT).
+
+    Raises:
+        DefinitionError: An unknown stage name.
+        TopicError: A topic that breaks co-partitioning (or is missing with
+            ``create_topics=False``).
+        BrokerUnavailableError: No broker answers.
+    """
+    nodes = [pipeline.node(name) for name in stage_names]
+    await ensure_topics(bootstrap, topic_specs(pipeline), create=options.create_topics)
+    stop = stop or asyncio.Event()
+    workers = [_worker(pipeline, node, bootstrap, options) for node in nodes]
+    with _signals(stop):
+        tasks = [asyncio.create_task(w.run(stop), name=f"stage-{w.node.name}") for w in workers]
+        reporter = asyncio.create_task(_report(workers, options, stop, on_stats))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if not stop.is_set():  # a worker failed: stop the others cleanly too
+                stop.set()
+            _, late = await asyncio.wait(tasks, timeout=options.shutdown_timeout)
+            for task in late:
+                log.warning(
+                    "stage %s did not stop within %.0fs", task.get_name(), options.shutdown_timeout
+                )
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+            stats = [w.stats for w in workers]
+            _write_stats(options.stats_file, stats)
+    return stats
+
+
+def _worker(
+    pipeline: Pipeline, node: StageNode, bootstrap: str, options: RunOptions
+) -> StageWorker:
+    transport = KafkaTransport(
+        bootstrap,
+        group=node.group,
+        input_topic=node.input_topic,
+        batching=options.batching,
+        client_id=f"{node.group}",
+        session_timeout_ms=options.session_timeout_ms,
+    )
+    return StageWorker(node, pipeline.schemas, transport, batching=options.batching)
+
+
+async def _report(
+    workers: list[StageWorker],
+    options: RunOptions,
+    stop: asyncio.Event,
+    on_stats: Callable[[list[StageStats]], None] | None,
+) -> None:
+    last_log = 0.0
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        await asyncio.sleep(options.stats_interval)
+        stats = [w.stats for w in workers]
+        _write_stats(options.stats_file, stats)
+        if on_stats is not None:
+            on_stats(stats)
+        if loop.time() - last_log >= 10:
+            last_log = loop.time()
+            for s in stats:
+                log.info("stage %s: %s", s.stage, s.summary())
+
+
+def _write_stats(path: Path | None, stats: list[StageStats]) -> None:
+    if path is None:
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps([s.as_dict() for s in stats]))
+    tmp.replace(path)  # readers never see half a file
+
+
+@contextlib.contextmanager
+def _signals(stop: asyncio.Event):  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,88 @@
+"""The interface between a stage worker and the log it reads and writes.
+
+:class:`~pipeline.runtime.kafka.KafkaTransport` implements it on aiokafka; an in-memory
+implementation runs the same worker in tests without a broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+
+class TopicPartition(NamedTuple):
+    """A partition of a topic (field-compatible with aiokafka's)."""
+
+    topic: str
+    partition: int
+
+
+class InMessage(Protocol):
+    """A consumed record as the transport delivers it (aiokafka's ConsumerRecord fits)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+RebalanceCallback = Callable[[set[Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """Batch sizes on the worker's hot path.
+
+    Example:
+        >>> Batching(max_records=500).max_records
+        500
+    """
+
+    max_records: int = 2000  # records per fetch
+    fetch_wait_ms: int = 100  # how long a fetch may wait for records
+    max_batch_bytes: int = 256 * 1024  # producer batch per partition
+    linger_ms: int = 5
+    flush_interval_ms: int = 20  # concurrency > 1: how often finished records are flushed
+
+
+class Transport(Protocol):
+    """What a stage worker needs from the log."""
+
+    async def start(self, on_revoked: RebalanceCallback, on_assigned: RebalanceCallback) -> None:
+        """Connect, join the group, subscribe to the input topic."""
+
+    async def stop(self) -> None:
+        """Leave the group and close."""
+
+    async def fetch(self, timeout_ms: int, max_records: int) -> Mapping[Any, list[Any]]:
+        """Return the next records by partition (empty when none within ``timeout_ms``)."""
+
+    async def prepare_topic(self, topic: str) -> int:
+        """Learn ``topic``'s partition count before writing to it; return it."""
+
+    def assignment(self) -> set[Any]:
+        """The input partitions this worker owns now."""
+
+    def partition_for(self, topic: str, key: bytes | None) -> int:
+        """The partition ``key`` belongs to in ``topic`` (murmur2, as the Java client)."""
+
+    def append(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        timestamp: int | None,
+    ) -> None:
+        """Buffer one output record; nothing is sent before :meth:`flush`."""
+
+    async def flush(self) -> None:
+        """Send every buffered record and wait until all are durable (acks=all)."""
+
+    async def commit(self, offsets: Mapping[Any, int]) -> None:
+        """Commit the next offsets to read, per input partition."""

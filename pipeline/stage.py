@@ -1,0 +1,202 @@
+"""Stages: named, reusable filters, and the small policy objects that configure them.
+
+A stage is a plain function, sync or async, that takes a decoded value (and, if it declares a
+second parameter, the :class:`~pipeline.record.Record` as context) and returns
+
+- a value: one output record with the input's key, sequence number and event id;
+- ``None``: the record is filtered out (counted, never silently lost);
+- a list, tuple or generator of values: several output records (flat-map);
+- :class:`~pipeline.record.Emit`: an output with another key or extra headers.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import random
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import DefinitionError
+from pipeline.record import Record
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+
+StageFn = Callable[..., Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently a failing stage function is retried before dead-lettering.
+
+    Args:
+        max_attempts: Attempts in all, the first included (1 = no retry).
+        initial_backoff: Seconds before the first retry.
+        max_backoff: Upper bound of one wait.
+        multiplier: Growth of the wait per attempt.
+        jitter: Random share (0..1) taken off each wait, so retries of many records spread out.
+
+    Example:
+        >>> RetryPolicy(max_attempts=3, initial_backoff=0.1, jitter=0).backoff(2)
+        0.2
+    """
+
+    max_attempts: int = 3
+    initial_backoff: float = 0.1
+    max_backoff: float = 10.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise DefinitionError("RetryPolicy.max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise DefinitionError("RetryPolicy backoffs must be >= 0 and multiplier >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise DefinitionError("RetryPolicy.jitter must be between 0 and 1")
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return base * (1 - self.jitter * random.random())
+
+
+class DedupMode(enum.Enum):
+    """How a stage recognises a record it has already processed."""
+
+    AUTO = "auto"  # by sequence when records carry one, else by event id, else off
+    SEQUENCE = "sequence"
+    EVENT_ID = "event_id"
+    OFF = "off"
+
+
+@dataclass(frozen=True, slots=True)
+class DedupPolicy:
+    """Deduplication of a stage's input through its keyed state table.
+
+    Example:
+        >>> DedupPolicy.by_event_id(ttl=3600).mode
+        <DedupMode.EVENT_ID: 'event_id'>
+    """
+
+    mode: DedupMode = DedupMode.AUTO
+    ttl: float = 7 * 24 * 3600.0  # seconds an event id is remembered (event-id mode)
+    max_ids: int = 1_000_000  # bound on remembered event ids per partition (event-id mode)
+
+    @classmethod
+    def by_sequence(cls) -> DedupPolicy:
+        """``seq <= last seq of the key`` is a duplicate; a gap is counted and processed."""
+        return cls(DedupMode.SEQUENCE)
+
+    @classmethod
+    def by_event_id(cls, ttl: float = 7 * 24 * 3600.0, max_ids: int = 1_000_000) -> DedupPolicy:
+        """An event id seen within ``ttl`` seconds is a duplicate."""
+        return cls(DedupMode.EVENT_ID, ttl=ttl, max_ids=max_ids)
+
+    @classmethod
+    def off(cls) -> DedupPolicy:
+        """No deduplication."""
+        return cls(DedupMode.OFF)
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """A named, reusable filter with declared Avro input and output schemas.
+
+    Build one with the :func:`stage` decorator. A stage with ``output=None`` is a sink: it
+    consumes and acts (e.g. calls a service) but writes no output topic.
+
+    Example:
+        >>> @stage(input="demo.Order", output="demo.Order")
+        ... def double(order):
+        ...     return {**order, "total": order["total"] * 2}
+        >>> double.name, double.concurrency
+        ('double', 1)
+    """
+
+    name: str
+    fn: StageFn
+    input: str
+    output: str | None
+    concurrency: int = 1
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    dedup: DedupPolicy = field(default_factory=DedupPolicy)
+    is_async: bool = False
+    wants_record: bool = False
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise DefinitionError(
+                f"stage name {self.name!r} is not valid: use letters, digits, '_' or '-', "
+                f"starting with a letter (it becomes part of topic and group names)"
+            )
+        if self.concurrency < 1:
+            raise DefinitionError(f"stage '{self.name}': concurrency must be at least 1")
+        if self.concurrency > 1 and not self.is_async:
+            raise DefinitionError(
+                f"stage '{self.name}': concurrency={self.concurrency} needs an async function "
+                f"(a sync function blocks the event loop, so it could not overlap anything)"
+            )
+
+    def __call__(self, value: Any, record: Record | None = None) -> Any:
+        """Call the function as the worker does (handy in plain unit tests)."""
+        if self.wants_record:
+            return self.fn(value, record if record is not None else Record(None, value))
+        return self.fn(value)
+
+    def invoker(self) -> Callable[[Any, Record], Any] | Callable[[Any, Record], Awaitable[Any]]:
+        """The one adapter through which the worker calls user code: ``f(value, record)``."""
+        fn = self.fn
+        if self.wants_record:
+            return fn
+        return lambda value, _record: fn(value)
+
+
+def stage(
+    name: str | None = None,
+    *,
+    input: str,
+    output: str | None,
+    concurrency: int = 1,
+    retry: RetryPolicy | None = None,
+    dedup: DedupPolicy | None = None,
+) -> Callable[[StageFn], Stage]:
+    """Turn a function into a :class:`Stage`.
+
+    Args:
+        name: Stage name (default: the function's name); part of topic and group names.
+        input: Full name of the Avro schema the stage reads.
+        output: Full name of the Avro schema it writes, or ``None`` for a sink.
+        concurrency: Records of different keys processed at once (async functions only);
+            each key keeps its order.
+        retry: Retries before a failing record is dead-lettered.
+        dedup: How duplicates are recognised.
+    """
+
+    def wrap(fn: StageFn) -> Stage:
+        return Stage(
+            name=name or fn.__name__,
+            fn=fn,
+            input=input,
+            output=output,
+            concurrency=concurrency,
+            retry=retry or RetryPolicy(),
+            dedup=dedup or DedupPolicy(),
+            is_async=inspect.iscoroutinefunction(fn),
+            wants_record=_positional_arity(fn) >= 2,
+        )
+
+    return wrap
+
+
+def _positional_arity(fn: StageFn) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return 2
+    return sum(1 for p in params if p.kind in kinds)

@@ -35,8 +35,8 @@ async def third(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def build() -> Pipeline:
-    name = os.environ.get("CHAIN_PIPELINE", "chain")
+def build(name: str | None = None) -> Pipeline:
+    name = name or os.environ.get("CHAIN_PIPELINE", "chain")
     return (
         Pipeline(name, source=f"{name}.in", key="key", schemas=SCHEMAS, topics=TopicPolicy(3))
         | first

@@ -1,0 +1,147 @@
+"""Helpers for integration tests: stage processes, reading topics back, order checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.record import SEQ_HEADER, decode_seq
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class StageProcess:
+    """``pipeline run MODULE:PIPELINE --stage NAME`` as a child OS process."""
+
+    def __init__(
+        self, ref: str, stage: str, bootstrap: str, env: dict[str, str], log: Path
+    ) -> None:
+        self.stage = stage
+        self.log = log
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        cmd = [
+            sys.executable, "-m", "pipeline.cli", "run", ref, "--stage", stage,
+            "--bootstrap", bootstrap, "--shutdown-timeout", "20",
+        ]  # fmt: skip
+        self._log_file = log.open("wb")
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
+
+    def terminate(self, timeout: float = 40.0) -> int:
+        """SIGTERM, then wait for a clean exit; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log_file.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log_file.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def count(bootstrap: str, topic: str) -> int:
+    return sum((await end_offsets(bootstrap, topic)).values())
+
+
+async def wait_for_count(bootstrap: str, topic: str, expected: int, within: float) -> int:
+    deadline = time.monotonic() + within
+    n = 0
+    while time.monotonic() < deadline:
+        n = await count(bootstrap, topic)
+        if n >= expected:
+            return n
+        await asyncio.sleep(0.5)
+    return n
+
+
+async def read_all(bootstrap: str, topic: str, *, read_committed: bool = False) -> list[Any]:
+    """Every record of ``topic`` now, partition by partition in offset order."""
+    ends = await end_offsets(bootstrap, topic)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+        max_poll_records=5000,
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in ends]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        remaining = {tp for tp in tps if ends[tp.partition] > 0}
+        async with asyncio.timeout(120):
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=500)
+                for tp, msgs in batch.items():
+                    records.extend(msgs)
+                    if msgs and msgs[-1].offset + 1 >= ends[tp.partition]:
+                        remaining.discard(tp)
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp.partition]:
+                        remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def seq_of(record: Any) -> int:
+    for k, v in record.headers:
+        if k == SEQ_HEADER:
+            return decode_seq(v)
+    raise AssertionError(f"record without a seq header: {record}")
+
+
+def order_violations(records: list[Any]) -> list[str]:
+    """Per key, sequence numbers must strictly increase in offset order (per partition)."""
+    last: dict[bytes, int] = {}
+    bad = []
+    for r in records:
+        seq = seq_of(r)
+        prev = last.get(r.key)
+        if prev is not None and seq <= prev:
+            bad.append(
+                f"key {r.key!r}: seq {seq} after {prev} ({r.topic}/{r.partition}@{r.offset})"
+            )
+        last[r.key] = seq
+    return bad
+
+
+def by_key(records: list[Any], value: Callable[[Any], Any] = seq_of) -> dict[bytes, list[Any]]:
+    out: dict[bytes, list[Any]] = defaultdict(list)
+    for r in records:
+        out[r.key].append(value(r))
+    return out

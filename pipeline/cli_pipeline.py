@@ -70,6 +70,12 @@ def run(
     stats_file: Annotated[Path | None, typer.Option(help="Write JSON counters here.")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
     max_records: Annotated[int, typer.Option(help="Records per fetch.")] = 2000,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Keep state tables in RocksDB here (default: memory).")
+    ] = None,
+    session_timeout_ms: Annotated[
+        int, typer.Option(help="Group session timeout: how soon a silent instance is replaced.")
+    ] = 10_000,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
     """Run one stage (N copies = N competing consumers), or --all stages for development."""
@@ -88,6 +94,8 @@ def run(
         batching=Batching(max_records=max_records),
         shutdown_timeout=shutdown_timeout,
         stats_file=stats_file,
+        state_dir=state_dir,
+        session_timeout_ms=session_timeout_ms,
     )
     stats = asyncio.run(run_stages(pipeline, names, bootstrap_address(bootstrap), options=options))
     for s in stats:

@@ -18,6 +18,16 @@ from pipeline.schema import SchemaStore, check_compatible
 from pipeline.stage import Stage
 
 
+def _delivery(pipeline: str, delivery: Delivery | str) -> Delivery:
+    try:
+        return Delivery(delivery)
+    except ValueError:
+        raise DefinitionError(
+            f"pipeline '{pipeline}': delivery {delivery!r} is not one of "
+            f"{', '.join(d.value for d in Delivery)}"
+        ) from None
+
+
 class Delivery(enum.Enum):
     """Delivery guarantee of a pipeline's stages."""
 
@@ -114,13 +124,7 @@ class Pipeline:
         if not name or any(c in name for c in " /\\:"):
             raise DefinitionError(f"pipeline name {name!r} is not valid (no spaces, '/', ':')")
         store = schemas if isinstance(schemas, SchemaStore) else SchemaStore.from_directory(schemas)
-        try:
-            delivery = Delivery(delivery)
-        except ValueError:
-            raise DefinitionError(
-                f"pipeline '{name}': delivery {delivery!r} is not one of "
-                f"{', '.join(d.value for d in Delivery)}"
-            ) from None
+        delivery = _delivery(name, delivery)
         for attr, value in (
             ("name", name),
             ("source", source),
@@ -178,11 +182,13 @@ class Pipeline:
                 writer_label=f"stage '{prev.name}'",
                 reader_label=f"stage '{stage.name}'",
             )
-        return replace(
+        grown = replace(
             self,
             stages=(*self.stages, stage),
             names=(*self.names, Names(output_topic, dlq_topic, state_topic, group)),
         )
+        grown._check_unique_names()
+        return grown
 
     def with_topics(self, topics: TopicPolicy) -> Pipeline:
         """Return a copy with another topic policy."""
@@ -190,7 +196,7 @@ class Pipeline:
 
     def with_delivery(self, delivery: Delivery | str) -> Pipeline:
         """Return a copy with another delivery guarantee."""
-        return replace(self, delivery=Delivery(delivery))
+        return replace(self, delivery=_delivery(self.name, delivery))
 
     def nodes(self) -> list[StageNode]:
         """The compiled topology: one node per stage, with its topics and group."""
@@ -233,6 +239,26 @@ class Pipeline:
         """The last stage's output topic (``None`` when the last stage is a sink)."""
         nodes = self.nodes()
         return nodes[-1].output_topic if nodes else None
+
+    def _check_unique_names(self) -> None:
+        """No two roles may share a topic or group: that would loop or mix records."""
+        owners: dict[str, str] = {self.source: "the source"}
+        for node in self.nodes():
+            named = [
+                (node.output_topic, f"the output of '{node.name}'"),
+                (node.dlq_topic, f"the dead letters of '{node.name}'"),
+                (node.state_topic, f"the state of '{node.name}'"),
+                (f"group:{node.group}", f"the group of '{node.name}'"),
+            ]
+            for topic, role in named:
+                if topic is None:
+                    continue
+                other = owners.setdefault(topic, role)
+                if other != role:
+                    shown = topic.removeprefix("group:")
+                    raise DefinitionError(
+                        f"pipeline '{self.name}': {shown} would be both {other} and {role}"
+                    )
 
     def _schema(self, stage: Stage, name: str) -> Any:
         try:

@@ -16,7 +16,8 @@ Tree::
     │   └── EncodeError
     ├── BrokerError                 talking to Kafka failed
     │   ├── BrokerUnavailableError  no broker answers at the bootstrap address
-    │   └── TopicError              a topic is missing or has the wrong shape
+    │   ├── TopicError              a topic is missing or has the wrong shape
+    │   └── FencedError             another instance took over (this one is a zombie)
     ├── LocalBrokerError            the project's local Kafka broker cannot run
     │   ├── JavaNotFoundError
     │   ├── JarsUnavailableError
@@ -100,6 +101,10 @@ class BrokerUnavailableError(BrokerError):
 
 class TopicError(BrokerError):
     """A topic is missing, or its shape (partitions, config) breaks the pipeline's contract."""
+
+
+class FencedError(BrokerError):
+    """Another instance owns the partition now: this one was fenced (a zombie)."""
 
 
 class LocalBrokerError(PipelineError):

@@ -24,26 +24,29 @@ from pipeline.schema import Codec
 
 
 class SequenceClock:
-    """Per-key sequence numbers that keep growing across publisher restarts.
+    """Per-key sequence numbers: dense within a publisher, growing across restarts.
 
-    A sequence number is ``max(last + 1, now in microseconds)``: increasing per key within a
-    process, and larger than anything an earlier process issued (clocks permitting), so that a
-    restarted publisher is not mistaken for a duplicate.
+    A key's first number is the publisher's start time in microseconds; each later event of
+    the key adds one. So numbers are consecutive (a gap downstream means a record went
+    missing or was filtered) while a restarted publisher starts above anything an earlier one
+    issued (clocks permitting: a key would need a million events a second to catch up).
 
     Example:
         >>> clock = SequenceClock()
         >>> a, b = clock.next(b"k"), clock.next(b"k")
-        >>> b > a
-        True
+        >>> b - a
+        1
     """
 
-    __slots__ = ("_last",)
+    __slots__ = ("_base", "_last")
 
     def __init__(self) -> None:
+        self._base = time.time_ns() // 1000
         self._last: dict[bytes | None, int] = {}
 
     def next(self, key: bytes | None) -> int:
-        seq = max(self._last.get(key, 0) + 1, time.time_ns() // 1000)
+        last = self._last.get(key)
+        seq = self._base if last is None else last + 1
         self._last[key] = seq
         return seq
 
@@ -80,23 +83,28 @@ class Publisher:
         self.sent = 0
         self.rejected = 0
         self._clock = SequenceClock()
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=linger_ms,
-            max_batch_size=256 * 1024,
-        )
+        self._bootstrap = bootstrap
+        self._linger_ms = linger_ms
         self._partitions = 0
-        self._writer = BatchWriter(self._producer)
+        # Created in __aenter__: aiokafka needs a running event loop (see SyncPublisher).
+        self._producer: AIOKafkaProducer | None = None
+        self._writer: BatchWriter | None = None
 
     async def __aenter__(self) -> Publisher:
+        producer = self._producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=self._linger_ms,
+            max_batch_size=256 * 1024,
+        )
+        self._writer = BatchWriter(producer)
         try:
-            await self._producer.start()
-            parts = await asyncio.wait_for(self._producer.partitions_for(self.topic), 30)
+            await producer.start()
+            parts = await asyncio.wait_for(producer.partitions_for(self.topic), 30)
         except (kerr.KafkaError, TimeoutError) as exc:
             with contextlib.suppress(Exception):
-                await self._producer.stop()
+                await producer.stop()
             if isinstance(exc, TimeoutError):
                 raise PipelineError(
                     f"topic {self.topic} does not exist (or no broker answers); create it with "
@@ -114,7 +122,8 @@ class Publisher:
             if et is None:
                 await self.flush()
         finally:
-            await self._producer.stop()
+            if self._producer is not None:
+                await self._producer.stop()
 
     def check(self, value: Any) -> bytes:
         """Validate ``value`` and return its key bytes.
@@ -156,9 +165,12 @@ class Publisher:
         else:
             eid = event_id.encode() if isinstance(event_id, str) else event_id
         headers = [(SEQ_HEADER, encode_seq(seq)), (ID_HEADER, eid)]
+        writer = self._writer
+        if writer is None:
+            raise PipelineError("use the publisher inside 'async with Publisher(...)'")
         part = partition_for(key, self._partitions)
-        self._writer.append(self.topic, part, key, data, headers, None)
-        if self._writer.buffered >= self.batch_records:
+        writer.append(self.topic, part, key, data, headers, None)
+        if writer.buffered >= self.batch_records:
             await self.flush()
 
     async def publish_many(self, values: Iterable[Any]) -> None:
@@ -168,7 +180,8 @@ class Publisher:
 
     async def flush(self) -> None:
         """Send everything buffered and wait until it is durable."""
-        self.sent += await self._writer.flush()
+        if self._writer is not None:
+            self.sent += await self._writer.flush()
 
 
 class SyncPublisher:

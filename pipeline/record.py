@@ -51,6 +51,7 @@ class Record:
     """
 
     __slots__ = (
+        "_table",
         "headers",
         "id",
         "key",
@@ -84,6 +85,20 @@ class Record:
         self.topic = topic
         self.partition = partition
         self.offset = offset
+        self._table: Any = None  # the stage's state table partition, set by the worker
+
+    @property
+    def state(self) -> KeyState:
+        """The stage's own state for this record's key (kept in the state table).
+
+        Example:
+            >>> def count(order, record):            # doctest: +SKIP
+            ...     n = (record.state.get() or 0) + 1
+            ...     record.state.set(n)
+        """
+        if self._table is None or self.key is None:
+            raise RuntimeError("state is available to stage code for keyed records only")
+        return KeyState(self._table, self.key)
 
     @property
     def key_str(self) -> str | None:
@@ -105,11 +120,34 @@ class Record:
         )
 
 
+class KeyState:
+    """Get, set or delete the stage's JSON-serialisable value for one key."""
+
+    __slots__ = ("_key", "_table")
+
+    def __init__(self, table: Any, key: bytes) -> None:
+        self._table = table
+        self._key = key
+
+    def get(self, default: Any = None) -> Any:
+        value = self._table.get(self._key)
+        return default if value is None else value
+
+    def set(self, value: Any) -> None:
+        self._table.set(self._key, value)
+
+    def delete(self) -> None:
+        self._table.delete(self._key)
+
+
 class Emit:
     """An output value with a different key or extra headers than the input's.
 
     Return ``Emit(value, key=b"...")`` from a stage to re-key on purpose; a plain value keeps
-    the input's key, sequence number and event id.
+    the input's key, sequence number and event id. A re-keyed output carries no sequence number
+    (the input's belongs to another key) and an event id derived from the input's and the new
+    key, so deduplication downstream still recognises a replay. A list of values or ``Emit``
+    objects fans out.
 
     Example:
         >>> Emit({"sku": "a"}, key=b"sku-a").key
@@ -118,7 +156,9 @@ class Emit:
 
     __slots__ = ("headers", "key", "value")
 
-    def __init__(self, value: Any, *, key: bytes | None = None, headers: Headers = ()) -> None:
+    def __init__(
+        self, value: Any, *, key: bytes | str | None = None, headers: Headers = ()
+    ) -> None:
         self.value = value
-        self.key = key
+        self.key = key.encode() if isinstance(key, str) else key
         self.headers = headers

@@ -358,6 +358,8 @@ class Codec:
         Raises:
             DecodeError: Too short, wrong marker, unknown fingerprint, or a corrupt body.
         """
+        if data is None:
+            raise DecodeError("null value (a tombstone), not an Avro record")
         if data[:2] != MAGIC or len(data) < HEADER_SIZE:
             raise _bad_header(data)
         fp = data[2:HEADER_SIZE]

@@ -59,7 +59,11 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        try:
+            grown = self.initial_backoff * self.multiplier ** (attempt - 1)
+        except OverflowError:  # a very late attempt: the cap applies
+            grown = self.max_backoff
+        base = min(self.max_backoff, grown)
         return base * (1 - self.jitter * random.random())
 
 
@@ -147,11 +151,24 @@ class Stage:
         return self.fn(value)
 
     def invoker(self) -> Callable[[Any, Record], Any] | Callable[[Any, Record], Awaitable[Any]]:
-        """The one adapter through which the worker calls user code: ``f(value, record)``."""
+        """The one adapter through which the worker calls user code: ``f(value, record)``.
+
+        Generator functions are run to the end inside the call, so that an exception they
+        raise is retried and dead-lettered like any other.
+        """
         fn = self.fn
-        if self.wants_record:
-            return fn
-        return lambda value, _record: fn(value)
+        call: Callable[[Any, Record], Any] = (
+            fn if self.wants_record else (lambda value, _record: fn(value))
+        )
+        if inspect.isgeneratorfunction(fn):
+            return lambda value, record: list(call(value, record))
+        if inspect.isasyncgenfunction(fn):
+
+            async def collect(value: Any, record: Record) -> list[Any]:
+                return [item async for item in call(value, record)]
+
+            return collect
+        return call
 
 
 def stage(
@@ -184,7 +201,7 @@ def stage(
             concurrency=concurrency,
             retry=retry or RetryPolicy(),
             dedup=dedup or DedupPolicy(),
-            is_async=inspect.iscoroutinefunction(fn),
+            is_async=inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn),
             wants_record=_positional_arity(fn) >= 2,
         )
 

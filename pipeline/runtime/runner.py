@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.dsl import Pipeline, StageNode
-from pipeline.runtime.kafka import KafkaTransport
+from pipeline.dsl import Delivery, Pipeline, StageNode
+from pipeline.runtime.kafka_transport import KafkaTransport
+from pipeline.runtime.state import RocksStores
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.topics import ensure_topics, topic_specs
 from pipeline.runtime.transport import Batching
@@ -40,6 +41,7 @@ class RunOptions:
     session_timeout_ms: int = 10_000
     stats_file: Path | None = None  # JSON counters, rewritten every stats_interval
     stats_interval: float = 1.0
+    state_dir: Path | None = None  # RocksDB local stores here; None keeps state in memory
 
 
 async def run_stages(
@@ -91,15 +93,25 @@ async def run_stages(
 def _worker(
     pipeline: Pipeline, node: StageNode, bootstrap: str, options: RunOptions
 ) -> StageWorker:
+    exactly_once = pipeline.delivery is Delivery.EXACTLY_ONCE
     transport = KafkaTransport(
         bootstrap,
         group=node.group,
         input_topic=node.input_topic,
+        state_topic=node.state_topic,
+        exactly_once=exactly_once,
         batching=options.batching,
-        client_id=f"{node.group}",
         session_timeout_ms=options.session_timeout_ms,
     )
-    return StageWorker(node, pipeline.schemas, transport, batching=options.batching)
+    stores = RocksStores(options.state_dir) if options.state_dir else None
+    return StageWorker(
+        node,
+        pipeline.schemas,
+        transport,
+        batching=options.batching,
+        stores=stores,
+        exactly_once=exactly_once,
+    )
 
 
 async def _report(

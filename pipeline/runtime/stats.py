@@ -25,6 +25,8 @@ class StageStats:
     retries: int = 0
     gaps: int = 0
     commits: int = 0
+    restored: int = 0  # changelog records read back into the state table
+    restore_seconds: float = 0.0
     dead_by_error: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
 
@@ -53,6 +55,8 @@ class StageStats:
             "retries": self.retries,
             "gaps": self.gaps,
             "commits": self.commits,
+            "restored": self.restored,
+            "restore_seconds": round(self.restore_seconds, 3),
             "dead_by_error": dict(self.dead_by_error),
             "records_per_s": round(self.rate(), 1),
         }

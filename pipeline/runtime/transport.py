@@ -6,7 +6,7 @@ implementation runs the same worker in tests without a broker.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -50,22 +50,42 @@ class Batching:
 
 
 class Transport(Protocol):
-    """What a stage worker needs from the log."""
+    """What a stage worker needs from the log.
+
+    Input partitions are numbers: a stage reads one topic. Writes are buffered per *source*
+    (the input partition the record came from) so that exactly-once transports can commit
+    each input partition's outputs, state and offset in one transaction.
+    """
 
     async def start(self, on_revoked: RebalanceCallback, on_assigned: RebalanceCallback) -> None:
         """Connect, join the group, subscribe to the input topic."""
 
     async def stop(self) -> None:
-        """Leave the group and close."""
+        """Leave the group and close; nothing buffered is committed."""
+
+    async def claim(self, partition: int) -> None:
+        """Take ownership of an input partition (exactly-once: fence older owners)."""
+
+    async def release(self, partition: int) -> None:
+        """Give up an input partition."""
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Mapping[Any, list[Any]]:
         """Return the next records by partition (empty when none within ``timeout_ms``)."""
 
+    def assignment(self) -> set[Any]:
+        """The input partitions (topic-partition pairs) this worker owns now."""
+
+    async def rewind(self, partition: int) -> None:
+        """Read an input partition again from its committed offset."""
+
+    def restore(self, partition: int, start: int) -> AsyncIterator[tuple[bytes, bytes | None]]:
+        """The state changelog records of ``partition`` from ``start`` to its current end."""
+
+    async def state_end(self, partition: int) -> int:
+        """The end offset of the state changelog's ``partition``."""
+
     async def prepare_topic(self, topic: str) -> int:
         """Learn ``topic``'s partition count before writing to it; return it."""
-
-    def assignment(self) -> set[Any]:
-        """The input partitions this worker owns now."""
 
     def partition_for(self, topic: str, key: bytes | None) -> int:
         """The partition ``key`` belongs to in ``topic`` (murmur2, as the Java client)."""
@@ -78,11 +98,15 @@ class Transport(Protocol):
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
         timestamp: int | None,
+        source: int,
     ) -> None:
-        """Buffer one output record; nothing is sent before :meth:`flush`."""
+        """Buffer one output of a record read from input partition ``source``."""
 
-    async def flush(self) -> None:
-        """Send every buffered record and wait until all are durable (acks=all)."""
+    async def commit(
+        self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]
+    ) -> set[int]:
+        """Make buffered outputs, then ``state``, durable; then commit ``offsets``.
 
-    async def commit(self, offsets: Mapping[Any, int]) -> None:
-        """Commit the next offsets to read, per input partition."""
+        Returns:
+            Input partitions whose (exactly-once) transaction was lost; they were rewound.
+        """

@@ -1,32 +1,35 @@
 """The stage worker: runs exactly one stage over a transport.
 
-Per fetched batch: decode (Avro) -> stage function -> encode -> buffer outputs; then one flush
-(outputs and dead letters durable) and one commit. Per partition, records are handled in
-offset order; with ``concurrency > 1`` records of different keys overlap (see
+Per fetched batch: dedup -> decode -> stage function -> encode -> buffer outputs (see
+:mod:`pipeline.runtime.handler`); then one commit that makes outputs, state changelog and
+offsets durable in that order (or atomically, in exactly-once mode). Per partition, records
+are handled in offset order; with ``concurrency > 1`` records of different keys overlap (see
 :mod:`pipeline.runtime.lanes`) and commits advance only past records whose outputs are durable.
+
+State tables are restored from the changelog when a partition is assigned, before any of its
+records is handled, and dropped when it is revoked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import types
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pipeline.dsl import StageNode
-from pipeline.errors import CodecError, DecodeError, StageError
-from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, Emit, Record, decode_seq
-from pipeline.runtime.deadletter import dead_letter_headers, error_class
+from pipeline.runtime.handler import RecordHandler
 from pipeline.runtime.lanes import KeyLanes, OffsetTracker
+from pipeline.runtime.state import StateTable, StoreFactory, now_ms
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.transport import Batching, Transport
 from pipeline.schema import SchemaStore
 
 log = logging.getLogger(__name__)
 
-_PARTS = tuple(str(i).encode() for i in range(256))
-_DEAD = object()  # the stage function failed for good; the record is dead-lettered
+_RESTORE_LOG_EVERY = 100_000
 
 
 class StageWorker:
@@ -37,6 +40,9 @@ class StageWorker:
         schemas: Where the input and output schemas come from.
         transport: The log (Kafka, or in memory in tests).
         batching: Fetch and flush sizes.
+        stores: Local stores of the state table (in memory by default).
+        exactly_once: Whether the transport commits transactions; the concurrent path then
+            commits a batch only once all of it is handled.
         sleep: Waits between retries (a virtual clock in tests).
     """
 
@@ -47,32 +53,28 @@ class StageWorker:
         transport: Transport,
         *,
         batching: Batching = Batching(),
+        stores: StoreFactory | None = None,
+        exactly_once: bool = False,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        stage = node.stage
         self.node = node
         self.transport = transport
         self.batching = batching
-        self.stats = StageStats(stage.name)
-        self._sleep = sleep
-        self._decode = schemas.codec(stage.input).decode
-        self._encode = schemas.codec(stage.output).encode if stage.output else None
-        self._invoke: Any = stage.invoker()
-        self._is_async = stage.is_async
-        self._retry = stage.retry
-        self._out = node.output_topic
-        self._dlq = node.dlq_topic
+        self.exactly_once = exactly_once
+        self.stats = StageStats(node.stage.name)
+        self.table = StateTable(node.state_topic, node.stage.dedup, stores)
+        self.handler = RecordHandler(node, schemas, transport, self.stats, sleep)
         self._lock = asyncio.Lock()  # held while a batch is between fetch and commit
         self._lanes: KeyLanes | None = None
         self._tracker = OffsetTracker()
-        self._flush_lock = asyncio.Lock()
+        self._commit_lock = asyncio.Lock()
 
     async def run(self, stop: asyncio.Event) -> StageStats:
         """Process until ``stop`` is set, then finish in-flight records, commit and leave."""
         t = self.transport
         await t.start(self._on_revoked, self._on_assigned)
         try:
-            for topic in (self._out, self._dlq):
+            for topic in (self.node.output_topic, self.node.dlq_topic, self.node.state_topic):
                 if topic:
                     await t.prepare_topic(topic)
             if self.node.stage.concurrency > 1:
@@ -80,14 +82,15 @@ class StageWorker:
             else:
                 await self._run_inline(stop)
         finally:
+            for partition in list(self.table.partitions):
+                await self._close_partition(partition)
             await t.stop()
         return self.stats
 
     # -- concurrency = 1: the hot path, no task per record -------------------------------
 
     async def _run_inline(self, stop: asyncio.Event) -> None:
-        t, b = self.transport, self.batching
-        handle = self._handle_async if self._is_async else None
+        t, b, handler, tables = self.transport, self.batching, self.handler, self.table.partitions
         while not stop.is_set():
             batches = await t.fetch(b.fetch_wait_ms, b.max_records)
             if not batches:
@@ -96,105 +99,63 @@ class StageWorker:
                 owned = t.assignment()
                 offsets = {}
                 for tp, msgs in batches.items():
-                    if tp not in owned:  # revoked while we waited for the lock
+                    table = tables.get(tp.partition)
+                    if table is None or tp not in owned:
+                        await self._skip(tp, owned)
                         continue
-                    if handle is None:
-                        await self._handle_sync_batch(msgs)
-                    else:
+                    if handler.is_async:
                         for msg in msgs:
-                            await handle(msg)
-                    offsets[tp] = msgs[-1].offset + 1
-                await t.flush()
-                await t.commit(offsets)
-                self.stats.commits += 1
-
-    async def _handle_sync_batch(self, msgs: list[Any]) -> None:
-        decode, invoke, stats = self._decode, self._invoke, self.stats
-        for msg in msgs:
-            stats.consumed += 1
-            try:
-                value = decode(msg.value)
-            except CodecError as exc:
-                self._dead_letter(msg, exc, 0)
-                continue
-            record = _record(msg, value)
-            try:
-                result = invoke(value, record)
-            except Exception as exc:
-                result = await self._retry_or_dead_letter(msg, record, exc)
-                if result is _DEAD:
-                    continue
-            self._emit(msg, record, result)
-
-    async def _handle_async(self, msg: Any) -> None:
-        self.stats.consumed += 1
-        try:
-            value = self._decode(msg.value)
-        except CodecError as exc:
-            self._dead_letter(msg, exc, 0)
-            return
-        record = _record(msg, value)
-        try:
-            result = await self._invoke(value, record)
-        except Exception as exc:
-            result = await self._retry_or_dead_letter(msg, record, exc)
-            if result is _DEAD:
-                return
-        self._emit(msg, record, result)
-
-    async def _retry_or_dead_letter(self, msg: Any, record: Record, exc: Exception) -> Any:
-        """Retry the stage function with backoff; dead-letter the record when it keeps failing."""
-        policy = self._retry
-        attempt = 1
-        while _retriable(exc) and attempt < policy.max_attempts:
-            self.stats.retries += 1
-            await self._sleep(policy.backoff(attempt))
-            attempt += 1
-            try:
-                result = self._invoke(record.value, record)
-                if self._is_async:
-                    result = await result
-            except Exception as again:
-                exc = again
-                continue
-            return result
-        self._dead_letter(msg, exc, attempt)
-        return _DEAD
+                            await handler.handle_one(msg, table)
+                    else:
+                        await handler.handle_sync_batch(msgs, table)
+                    offsets[tp.partition] = msgs[-1].offset + 1
+                await self._commit(offsets)
 
     # -- concurrency > 1: key lanes ------------------------------------------------------
 
     async def _run_lanes(self, stop: asyncio.Event) -> None:
-        t, b = self.transport, self.batching
+        t, b, tracker, tables = self.transport, self.batching, self._tracker, self.table.partitions
         concurrency = self.node.stage.concurrency
-        tracker = self._tracker
 
         async def handle(msg: Any) -> None:
-            await self._handle_async(msg)
-            tracker.finished((msg.topic, msg.partition), msg.offset)
+            table = tables.get(msg.partition)
+            if table is None:  # revoked: its next owner handles it
+                return
+            await self.handler.handle_one(msg, table)
+            tracker.finished(msg.partition, msg.offset)
 
         lanes = self._lanes = KeyLanes(concurrency, handle, max(1000, 16 * concurrency))
-        flusher = asyncio.create_task(self._flush_loop(stop))
+        flusher = None if self.exactly_once else asyncio.create_task(self._flush_loop(stop))
         try:
             while not stop.is_set():
+                if flusher is not None and flusher.done():
+                    flusher.result()  # the flusher failed: stop with its error, loudly
                 await lanes.wait_for_room()
                 batches = await t.fetch(b.fetch_wait_ms, b.max_records)
                 async with self._lock:
                     owned = t.assignment()
                     for tp, msgs in batches.items():
-                        if tp not in owned:
+                        if tp not in owned or tp.partition not in tables:
+                            await self._skip(tp, owned)
                             continue
-                        key = (tp.topic, tp.partition)
                         for msg in msgs:
-                            tracker.started(key, msg.offset)
+                            tracker.started(tp.partition, msg.offset)
                             lanes.submit(msg.key, msg)
+                    if self.exactly_once and batches:
+                        # A transaction holds whole batches: outputs of a record past an
+                        # unfinished one must not commit before that one's offset does.
+                        await lanes.wait_idle()
+                        await self._flush_and_commit()
             async with self._lock:
                 await lanes.wait_idle()
                 await self._flush_and_commit()
         finally:
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
             await lanes.close()
             self._lanes = None
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher  # re-raises what made the flusher fail
 
     async def _flush_loop(self, stop: asyncio.Event) -> None:
         interval = self.batching.flush_interval_ms / 1000
@@ -203,147 +164,84 @@ class StageWorker:
             await self._flush_and_commit()
 
     async def _flush_and_commit(self) -> None:
-        async with self._flush_lock:
-            # No await between taking the finished records and flush() swapping out the
-            # transport's buffers: the flushed outputs are exactly those of ``done``.
+        async with self._commit_lock:
+            # Nothing awaits between taking the finished records and the transport's commit
+            # swapping out its buffers, so the outputs made durable are exactly those of
+            # ``done``; records finishing meanwhile go to the next commit.
+            # The positions count ``done`` as durable: the transport makes outputs durable
+            # before it commits offsets, and a failure there stops the worker.
             done = self._tracker.take_finished()
-            await self.transport.flush()
-            positions = self._tracker.made_durable(done)
-            if positions:
-                await self.transport.commit(_as_tps(positions, self.transport.assignment()))
-                self.stats.commits += 1
+            if not done and not any(t.dirty for t in self.table.partitions.values()):
+                return  # nothing finished since the last commit
+            await self._commit(self._tracker.made_durable(done))
+
+    async def _commit(self, offsets: dict[int, int]) -> None:
+        state = {p: tbl.take_dirty() for p, tbl in self.table.partitions.items() if tbl.dirty}
+        lost = await self.transport.commit(offsets, state)
+        self.stats.commits += 1
+        for partition in lost:  # EOS: the transaction did not commit; start over from the log
+            self._tracker.forget({partition})
+            self.table.close(partition)
+            await self._restore(partition)
 
     # -- rebalance -------------------------------------------------------------------------
 
+    async def _skip(self, tp: Any, owned: set[Any]) -> None:
+        """A batch fetched before a rebalance: never let its records go unhandled."""
+        if tp in owned:
+            # Still ours (handed back by the rebalance): read it again from the committed
+            # offset, or the next commit would pass records nobody handled.
+            await self.transport.rewind(tp.partition)
+        # Not ours any more: its new owner starts from the committed offset.
+
+    async def _on_assigned(self, assigned: set[Any]) -> None:
+        """Restore each new partition's table before any of its records is handled."""
+        # The lock keeps the fetch loop out until every table is restored: records of a
+        # partition whose table is not ready yet must not be fetched and dropped.
+        async with self._lock:
+            for tp in sorted(assigned):
+                if tp.partition not in self.table.partitions:
+                    await self.transport.claim(tp.partition)
+                    await self._restore(tp.partition)
+        log.info("stage %s: partitions assigned: %s", self.node.name, _fmt(assigned))
+
+    async def _restore(self, partition: int) -> None:
+        table, start = self.table.open(partition)
+        began, now, n = time.monotonic(), now_ms(), 0
+        async for key, value in self.transport.restore(partition, start):
+            table.apply(key, value, now)
+            n += 1
+            if n % _RESTORE_LOG_EVERY == 0:
+                log.info(
+                    "stage %s: restoring partition %d: %d records", self.node.name, partition, n
+                )
+        seconds = time.monotonic() - began
+        self.stats.restored += n
+        self.stats.restore_seconds += seconds
+        if n:
+            log.info(
+                "stage %s: restored partition %d from its changelog: %d records in %.2fs",
+                self.node.name, partition, n, seconds,
+            )  # fmt: skip
+
     async def _on_revoked(self, revoked: set[Any]) -> None:
-        """Before partitions move: finish what we hold, make it durable, commit."""
+        """Before partitions move: finish what we hold, make it durable, commit, drop state."""
         async with self._lock:
             if self._lanes is not None:
                 await self._lanes.wait_idle()
                 await self._flush_and_commit()
-                self._tracker.forget({(tp.topic, tp.partition) for tp in revoked})
+            for tp in revoked:
+                self._tracker.forget({tp.partition})
+                await self._close_partition(tp.partition)
         log.info("stage %s: partitions revoked: %s", self.node.name, _fmt(revoked))
 
-    async def _on_assigned(self, assigned: set[Any]) -> None:
-        log.info("stage %s: partitions assigned: %s", self.node.name, _fmt(assigned))
-
-    # -- output ----------------------------------------------------------------------------
-
-    def _emit(self, msg: Any, record: Record, result: Any) -> None:
-        stats = self.stats
-        if result is None:
-            stats.filtered += 1
+    async def _close_partition(self, partition: int) -> None:
+        if partition not in self.table.partitions:
             return
-        if self._out is None:  # a sink: the call was the work
-            stats.processed += 1
-            return
-        assert self._encode is not None
-        encode, t, out = self._encode, self.transport, self._out
-        try:
-            if type(result) is dict or not isinstance(
-                result, list | tuple | types.GeneratorType | Emit
-            ):
-                t.append(
-                    out,
-                    t.partition_for(out, msg.key),
-                    msg.key,
-                    encode(result),
-                    msg.headers,
-                    msg.timestamp,
-                )
-                stats.produced += 1
-            elif isinstance(result, Emit):
-                key = msg.key if result.key is None else result.key
-                headers = [*msg.headers, *result.headers]
-                t.append(
-                    out,
-                    t.partition_for(out, key),
-                    key,
-                    encode(result.value),
-                    headers,
-                    msg.timestamp,
-                )
-                stats.produced += 1
-            else:
-                encoded = [encode(v) for v in result]  # all or nothing: encode before writing
-                if not encoded:
-                    stats.filtered += 1
-                    return
-                part = t.partition_for(out, msg.key)
-                for i, data in enumerate(encoded):
-                    headers = [*msg.headers, (PART_HEADER, _part(i))]
-                    t.append(out, part, msg.key, data, headers, msg.timestamp)
-                stats.produced += len(encoded)
-        except CodecError as exc:
-            self._dead_letter(msg, exc, 1)
-            return
-        stats.processed += 1
-
-    def _dead_letter(self, msg: Any, exc: BaseException, attempts: int) -> None:
-        t, stats = self.transport, self.stats
-        headers = dead_letter_headers(
-            msg.headers,
-            stage=self.node.name,
-            exc=exc,
-            attempts=attempts,
-            topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
-        )
-        t.append(
-            self._dlq,
-            t.partition_for(self._dlq, msg.key),
-            msg.key,
-            msg.value,
-            headers,
-            msg.timestamp,
-        )
-        stats.dead_letters += 1
-        stats.dead_by_error[error_class(exc)] += 1
-        if not isinstance(exc, DecodeError) or stats.dead_letters <= 10:
-            log.warning(
-                "stage %s: dead-lettered %s/%d@%d after %d attempt(s): %s: %s",
-                self.node.name,
-                msg.topic,
-                msg.partition,
-                msg.offset,
-                attempts,
-                error_class(exc),
-                exc,
-            )
-
-
-def _record(msg: Any, value: Any) -> Record:
-    seq = event_id = None
-    for k, v in msg.headers:
-        if k == SEQ_HEADER:
-            seq = decode_seq(v)
-        elif k == ID_HEADER:
-            event_id = v
-    return Record(
-        msg.key,
-        value,
-        seq=seq,
-        id=event_id,
-        headers=msg.headers,
-        timestamp=msg.timestamp,
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-    )
-
-
-def _retriable(exc: BaseException) -> bool:
-    return exc.retriable if isinstance(exc, StageError) else not isinstance(exc, CodecError)
-
-
-def _part(i: int) -> bytes:
-    return _PARTS[i] if i < len(_PARTS) else str(i).encode()
-
-
-def _as_tps(positions: dict[Any, int], owned: set[Any]) -> dict[Any, int]:
-    by_key = {(tp.topic, tp.partition): tp for tp in owned}
-    return {by_key[k]: o for k, o in positions.items() if k in by_key}
+        if self.table.stores.persistent:
+            self.table.saved(partition, await self.transport.state_end(partition))
+        self.table.close(partition)
+        await self.transport.release(partition)
 
 
 def _fmt(tps: set[Any]) -> str:

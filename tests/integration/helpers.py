@@ -24,16 +24,22 @@ class StageProcess:
     """``pipeline run MODULE:PIPELINE --stage NAME`` as a child OS process."""
 
     def __init__(
-        self, ref: str, stage: str, bootstrap: str, env: dict[str, str], log: Path
+        self,
+        ref: str,
+        stage: str,
+        bootstrap: str,
+        env: dict[str, str],
+        log: Path,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.stage = stage
         self.log = log
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         cmd = [
             sys.executable, "-m", "pipeline.cli", "run", ref, "--stage", stage,
-            "--bootstrap", bootstrap, "--shutdown-timeout", "20",
+            "--bootstrap", bootstrap, "--shutdown-timeout", "20", *extra,
         ]  # fmt: skip
-        self._log_file = log.open("wb")
+        self._log_file = log.open("ab")
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT
         )
@@ -48,10 +54,14 @@ class StageProcess:
             self._log_file.close()
 
     def kill(self) -> None:
+        """SIGKILL: no chance to finish, flush or commit anything."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
         self._log_file.close()
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -145,3 +155,63 @@ def by_key(records: list[Any], value: Callable[[Any], Any] = seq_of) -> dict[byt
     for r in records:
         out[r.key].append(value(r))
     return out
+
+
+class TopicReader:
+    """Reads a topic incrementally from the beginning (read_committed by default)."""
+
+    def __init__(self, bootstrap: str, topic: str, *, read_committed: bool = True) -> None:
+        self.topic = topic
+        self.records: list[Any] = []
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
+            max_poll_records=10_000,
+        )
+
+    async def __aenter__(self) -> TopicReader:
+        await self._consumer.start()
+        parts = self._consumer.partitions_for_topic(self.topic)
+        if not parts:
+            await self._consumer._client.force_metadata_update()
+            parts = self._consumer.partitions_for_topic(self.topic) or set()
+        self._consumer.assign([TopicPartition(self.topic, p) for p in sorted(parts)])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def poll(self, timeout_ms: int = 500) -> int:
+        batch = await self._consumer.getmany(timeout_ms=timeout_ms)
+        for msgs in batch.values():
+            self.records.extend(msgs)
+        return sum(len(m) for m in batch.values())
+
+    def distinct(self) -> int:
+        return len({(r.key, seq_of(r)) for r in self.records})
+
+    async def until_distinct(self, expected: int, within: float) -> int:
+        deadline = time.monotonic() + within
+        while self.distinct() < expected and time.monotonic() < deadline:
+            await self.poll()
+        return self.distinct()
+
+    async def settle(self, quiet_s: float = 3.0) -> None:
+        """Keep reading until nothing new arrives for ``quiet_s`` seconds."""
+        quiet_until = time.monotonic() + quiet_s
+        while time.monotonic() < quiet_until:
+            if await self.poll():
+                quiet_until = time.monotonic() + quiet_s
+
+
+def duplicates(records: list[Any]) -> int:
+    seen: set[tuple[bytes, int]] = set()
+    dupes = 0
+    for r in records:
+        ident = (r.key, seq_of(r))
+        if ident in seen:
+            dupes += 1
+        seen.add(ident)
+    return dupes

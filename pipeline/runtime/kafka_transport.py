@@ -1,0 +1,351 @@
+"""The stage worker's transport on aiokafka: at-least-once or exactly-once.
+
+At-least-once: one idempotent producer (acks=all). :meth:`KafkaTransport.commit` makes the
+outputs durable, then the state changelog, then commits the offsets: a crash in between
+replays records whose outputs exist (the next stage's dedup table drops them) but never
+records state for outputs that do not exist.
+
+Exactly-once: one transactional producer per input partition, with the transactional id
+``<group>.<topic>.<partition>``, created when the partition is assigned; starting it fences any
+older instance (a zombie) that still holds that id. Outputs, changelog and offsets of a
+partition commit in one transaction. When a commit's outcome is unknown the producer is
+recreated (which completes or aborts the pending transaction) instead of aborting blindly, and
+the partition is rewound to its committed offset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import errors as kerr
+from aiokafka.structs import TopicPartition as KafkaTP
+
+from pipeline.errors import BrokerError, FencedError
+from pipeline.runtime.kafka import BatchWriter, Listener, partition_for, translate
+from pipeline.runtime.transport import Batching, RebalanceCallback
+
+log = logging.getLogger(__name__)
+
+_PARTITION_CACHE_LIMIT = 200_000
+_UNKNOWN_OUTCOME = (
+    kerr.KafkaTimeoutError,
+    kerr.RequestTimedOutError,
+    kerr.KafkaConnectionError,
+    kerr.NodeNotReadyError,
+)
+
+
+class KafkaTransport:
+    """One consumer in the stage's group and its producer(s).
+
+    Args:
+        bootstrap: Bootstrap servers.
+        group: The stage's consumer group.
+        input_topic: The topic the stage reads.
+        state_topic: The stage's changelog topic.
+        exactly_once: Transactions per input partition instead of an idempotent producer.
+        batching: Fetch and produce batch sizes.
+        session_timeout_ms: How long the group waits for a silent member.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        group: str,
+        input_topic: str,
+        state_topic: str,
+        exactly_once: bool = False,
+        batching: Batching = Batching(),
+        session_timeout_ms: int = 10_000,
+        read_committed: bool = False,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.group = group
+        self.input_topic = input_topic
+        self.state_topic = state_topic
+        self.exactly_once = exactly_once
+        self.batching = batching
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=group,
+            client_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed"
+            if exactly_once or read_committed
+            else "read_uncommitted",
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
+            max_poll_records=batching.max_records,
+            fetch_max_wait_ms=batching.fetch_wait_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        self._producer = self._new_producer(None)  # at-least-once writes; metadata in EOS
+        self._writer = BatchWriter(self._producer)
+        self._state_writer = BatchWriter(self._producer)
+        self._txn: dict[int, tuple[AIOKafkaProducer, BatchWriter]] = {}  # EOS, per partition
+        self._partitions: dict[str, int] = {}
+        self._part_cache: dict[tuple[str, bytes], int] = {}
+        self._started: list[Any] = []
+
+    def _new_producer(self, partition: int | None) -> AIOKafkaProducer:
+        txn_id = None if partition is None else f"{self.group}.{self.input_topic}.{partition}"
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.group,
+            acks="all",
+            enable_idempotence=True,
+            transactional_id=txn_id,
+            linger_ms=self.batching.linger_ms,
+            max_batch_size=self.batching.max_batch_bytes,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, on_revoked: RebalanceCallback, on_assigned: RebalanceCallback) -> None:
+        try:
+            await self._producer.start()
+            self._started.append(self._producer)
+            await self._consumer.start()
+            self._started.append(self._consumer)
+            self._consumer.subscribe([self.input_topic], listener=Listener(on_revoked, on_assigned))
+        except Exception as exc:
+            await self.stop()
+            raise translate(exc, "starting the stage's Kafka clients", group=self.group) from exc
+
+    async def stop(self) -> None:
+        for partition in list(self._txn):
+            await self.release(partition)
+        while self._started:
+            client = self._started.pop()
+            with contextlib.suppress(Exception):
+                await client.stop()
+
+    async def claim(self, partition: int) -> None:
+        """Take ownership of an input partition (EOS: start its transactional producer).
+
+        Starting the producer fences an older instance that used the same transactional id
+        and completes or aborts its open transaction, so the changelog read next is final.
+        """
+        if not self.exactly_once or partition in self._txn:
+            return
+        producer = self._new_producer(partition)
+        try:
+            await producer.start()
+        except kerr.KafkaError as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise translate(exc, "starting a transactional producer", partition=partition) from exc
+        self._txn[partition] = (producer, BatchWriter(producer))
+
+    async def release(self, partition: int) -> None:
+        """Give up an input partition (EOS: close its producer; nothing open is committed)."""
+        entry = self._txn.pop(partition, None)
+        if entry is not None:
+            with contextlib.suppress(Exception):
+                await entry[0].stop()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def fetch(self, timeout_ms: int, max_records: int) -> Mapping[Any, list[Any]]:
+        try:
+            result: Mapping[Any, list[Any]] = await self._consumer.getmany(
+                timeout_ms=timeout_ms, max_records=max_records
+            )
+        except kerr.KafkaError as exc:
+            raise translate(exc, "fetching records", topic=self.input_topic) from exc
+        return result
+
+    def assignment(self) -> set[Any]:
+        return set(self._consumer.assignment())
+
+    async def rewind(self, partition: int) -> None:
+        """Seek an input partition back to its committed offset (after a lost transaction)."""
+        tp = KafkaTP(self.input_topic, partition)
+        committed = await self._consumer.committed(tp)
+        if committed is None:
+            await self._consumer.seek_to_beginning(tp)
+        else:
+            self._consumer.seek(tp, committed)
+
+    async def restore(
+        self, partition: int, start: int
+    ) -> AsyncIterator[tuple[bytes, bytes | None]]:
+        """The changelog records of ``partition`` from offset ``start`` to its current end."""
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed" if self.exactly_once else "read_uncommitted",
+            max_poll_records=10_000,
+            fetch_max_bytes=16 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+        )
+        tp = KafkaTP(self.state_topic, partition)
+        try:
+            await reader.start()
+            reader.assign([tp])
+            end = (await reader.end_offsets([tp]))[tp]
+            if start >= end:
+                return
+            reader.seek(tp, start)
+            while await reader.position(tp) < end:
+                batch = await reader.getmany(tp, timeout_ms=500)
+                for record in batch.get(tp, ()):
+                    if record.offset >= end:
+                        return
+                    if record.key is not None:
+                        yield record.key, record.value
+        except kerr.KafkaError as exc:
+            raise translate(
+                exc, "restoring state", topic=self.state_topic, partition=partition
+            ) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+
+    async def state_end(self, partition: int) -> int:
+        """The changelog's end offset for ``partition`` (a checkpoint for local stores)."""
+        tp = KafkaTP(self.state_topic, partition)
+        return int((await self._consumer.end_offsets([tp]))[tp])
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def prepare_topic(self, topic: str) -> int:
+        """Learn ``topic``'s partition count before writing to it."""
+        try:
+            parts = await self._producer.partitions_for(topic)
+        except kerr.KafkaError as exc:
+            raise translate(exc, "reading topic metadata", topic=topic) from exc
+        count = len(parts)
+        self._partitions[topic] = count
+        return count
+
+    def partition_for(self, topic: str, key: bytes | None) -> int:
+        """The partition of ``key`` in ``topic`` (cached: keys repeat, murmur2 is Python)."""
+        if key is None:
+            return 0
+        cache_key = (topic, key)
+        part = self._part_cache.get(cache_key)
+        if part is None:
+            if len(self._part_cache) > _PARTITION_CACHE_LIMIT:
+                self._part_cache.clear()
+            part = self._part_cache[cache_key] = partition_for(key, self._partitions[topic])
+        return part
+
+    def append(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        timestamp: int | None,
+        source: int,
+    ) -> None:
+        """Buffer an output of a record read from input partition ``source``."""
+        if self.exactly_once:
+            self._txn[source][1].append(topic, partition, key, value, headers, timestamp)
+        else:
+            self._writer.append(topic, partition, key, value, headers, timestamp)
+
+    async def commit(
+        self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]
+    ) -> set[int]:
+        """Make buffered outputs and ``state`` durable, then commit ``offsets``.
+
+        Args:
+            offsets: Next offset to read, per input partition.
+            state: Changelog updates per input partition (None deletes a key).
+
+        Returns:
+            Input partitions whose transaction was lost (EOS); the caller restores their
+            state and processes them again from the committed offset.
+        """
+        if self.exactly_once:
+            lost = set()
+            for partition in sorted(set(offsets) | set(state)):
+                if not await self._commit_transaction(
+                    partition, offsets.get(partition), state.get(partition, {})
+                ):
+                    lost.add(partition)
+            return lost
+        await self._writer.flush()
+        for partition, updates in state.items():
+            for key, value in updates.items():
+                self._state_writer.append(self.state_topic, partition, key, value, (), None)
+        await self._state_writer.flush()
+        await self._commit_offsets(offsets)
+        return set()
+
+    async def _commit_offsets(self, offsets: Mapping[int, int]) -> None:
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(
+                {KafkaTP(self.input_topic, p): o for p, o in offsets.items()}
+            )
+        except kerr.CommitFailedError as exc:
+            # The group rebalanced under us: the partitions are someone else's now. Their
+            # outputs are durable, so the new owner's redelivery is a duplicate that the next
+            # stage's dedup table drops: at-least-once holds.
+            log.warning("group %s: commit failed after a rebalance: %s", self.group, exc)
+        except kerr.KafkaError as exc:
+            raise translate(exc, "committing offsets", group=self.group) from exc
+
+    async def _commit_transaction(
+        self, partition: int, offset: int | None, updates: Mapping[bytes, bytes | None]
+    ) -> bool:
+        producer, writer = self._txn[partition]
+        for key, value in updates.items():
+            writer.append(self.state_topic, partition, key, value, (), None)
+        try:
+            return await self._transaction(producer, writer, partition, offset)
+        finally:
+            writer.discard()  # after a failure, nothing of this batch may leak into the next
+
+    async def _transaction(
+        self, producer: AIOKafkaProducer, writer: BatchWriter, partition: int, offset: int | None
+    ) -> bool:
+        try:
+            await producer.begin_transaction()
+            await writer.flush()
+            if offset is not None:
+                await producer.send_offsets_to_transaction(
+                    {KafkaTP(self.input_topic, partition): offset}, self.group
+                )
+            await producer.commit_transaction()
+            return True
+        except kerr.ProducerFenced as exc:
+            raise FencedError(
+                f"another instance took over partition {partition} of {self.input_topic} "
+                f"(this one was fenced as a zombie); nothing of its open transaction is "
+                f"committed", partition=partition, group=self.group,
+            ) from exc  # fmt: skip
+        except _UNKNOWN_OUTCOME as exc:
+            # The commit may or may not have happened: never abort blindly. A new producer
+            # with the same transactional id completes or aborts it; then we rewind to
+            # whatever offset is committed.
+            log.warning(
+                "partition %d: transaction outcome unknown (%s); recreating producer",
+                partition,
+                exc,
+            )
+            await self.release(partition)
+            await self.claim(partition)
+            await self.rewind(partition)
+            return False
+        except kerr.KafkaError as exc:
+            log.warning("partition %d: aborting transaction after %s", partition, exc)
+            with contextlib.suppress(kerr.KafkaError):
+                await producer.abort_transaction()
+            await self.rewind(partition)
+            if not getattr(exc, "retriable", False) and not isinstance(
+                exc, kerr.InvalidTxnStateError
+            ):
+                raise BrokerError(f"transaction failed: {exc}", partition=partition) from exc
+            return False

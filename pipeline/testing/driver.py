@@ -149,9 +149,9 @@ class TestDriver:
             return asyncio.run(self.drain(timeout))
         raise ConfigError("TestDriver.run() is synchronous; in async tests use 'await drain()'")
 
-    async def drain(self, timeout: float = 30.0) -> dict[str, StageStats]:
+    async def drain(self, within: float = 30.0) -> dict[str, StageStats]:
         """Run the stages in order, each until its input is committed to the end."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         for node in self.nodes:
             await self._drain_stage(node, deadline)
         return self.stats

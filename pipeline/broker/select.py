@@ -7,6 +7,7 @@ Docker engine answers; else the project's local JVM broker (:class:`LocalBroker`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -39,18 +40,21 @@ def probe(bootstrap: str, timeout: float = 5.0) -> bool:
             with contextlib.suppress(Exception):
                 await client.close()
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError("probe() is synchronous; call it outside a running event loop")
     # While a broker starts, connection refusals are expected: keep aiokafka from logging them.
     client_log = logging.getLogger("aiokafka")
     level = client_log.level
     client_log.setLevel(logging.CRITICAL)
     try:
-        return asyncio.run(ask())
+        asyncio.get_running_loop()
+    except RuntimeError:
+        try:
+            return asyncio.run(ask())
+        finally:
+            client_log.setLevel(level)
+    # Called from async code (e.g. a fixture set up lazily): ask from a thread of its own.
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, ask()).result()
     finally:
         client_log.setLevel(level)
 

@@ -60,6 +60,10 @@ def register(app: typer.Typer) -> None:
     app.command("publish")(publish)
     app.command("tail")(tail)
     topics_app.command("create")(topics_create)
+    deploy_app = typer.Typer(help="Print deployment files (one service per stage).")
+    app.add_typer(deploy_app, name="deploy")
+    deploy_app.command("compose")(deploy_compose)
+    deploy_app.command("k8s")(deploy_k8s)
 
 
 def run(
@@ -105,23 +109,19 @@ def run(
 def graph(ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")]) -> None:
     """Print the topology: stages, their topics and groups."""
     pipeline = load_pipeline(ref)
-    table = Table(
-        title=f"pipeline {pipeline.name} ({pipeline.delivery.value}, "
-        f"{pipeline.topics.partitions} partitions, key '{pipeline.key}')"
+    out.print(
+        f"[bold]pipeline {pipeline.name}[/]  ({pipeline.delivery.value}, "
+        f"{pipeline.topics.partitions} partitions, sequence key '{pipeline.key}')"
     )
-    for col in ("#", "stage", "input topic", "output topic", "dead letters", "state", "group"):
-        table.add_column(col)
+    out.print(f"  source  {pipeline.source}")
     for node in pipeline.nodes():
-        table.add_row(
-            str(node.index + 1),
-            f"{node.name} ({node.stage.input} -> {node.stage.output})",
-            node.input_topic,
-            node.output_topic or "(sink)",
-            node.dlq_topic,
-            node.state_topic,
-            node.group,
+        st = node.stage
+        extra = f", concurrency {st.concurrency}" if st.concurrency > 1 else ""
+        out.print(
+            f"  [bold]{node.index + 1}. {node.name}[/]  {st.input} -> {st.output or '(sink)'}{extra}"
         )
-    out.print(table)
+        out.print(f"       in {node.input_topic}   out {node.output_topic or '-'}")
+        out.print(f"       dlq {node.dlq_topic}   state {node.state_topic}   group {node.group}")
 
 
 def topics_create(
@@ -260,3 +260,30 @@ def tail(
         pass
     except PipelineError:
         raise
+
+
+ImageOpt = Annotated[str, typer.Option(help="Container image with the project installed.")]
+
+
+def deploy_compose(
+    ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")],
+    image: ImageOpt = "kafka-pipeline:latest",
+) -> None:
+    """Print a docker-compose file: Kafka plus one service per stage."""
+    from pipeline.deploy import compose, to_yaml
+
+    print(to_yaml(compose(load_pipeline(ref), ref, image=image)), end="")
+
+
+def deploy_k8s(
+    ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")],
+    image: ImageOpt = "kafka-pipeline:latest",
+    bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap inside the cluster.")] = (
+        "kafka:9092"
+    ),
+) -> None:
+    """Print Kubernetes Deployments, one per stage."""
+    from pipeline.deploy import kubernetes, to_yaml
+
+    docs = kubernetes(load_pipeline(ref), ref, image=image, bootstrap=bootstrap)
+    print("---\n".join(to_yaml(d) for d in docs), end="")

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from pipeline.config import Settings
 from pipeline.errors import CodecError, ConfigError, DecodeError, PipelineError
@@ -117,9 +116,8 @@ def graph(ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")]) -> Non
     for node in pipeline.nodes():
         st = node.stage
         extra = f", concurrency {st.concurrency}" if st.concurrency > 1 else ""
-        out.print(
-            f"  [bold]{node.index + 1}. {node.name}[/]  {st.input} -> {st.output or '(sink)'}{extra}"
-        )
+        schemas = f"{st.input} -> {st.output or '(sink)'}{extra}"
+        out.print(f"  [bold]{node.index + 1}. {node.name}[/]  {schemas}")
         out.print(f"       in {node.input_topic}   out {node.output_topic or '-'}")
         out.print(f"       dlq {node.dlq_topic}   state {node.state_topic}   group {node.group}")
 

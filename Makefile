@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test test-unit lint clean
+.PHONY: install demo test test-unit lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ install: $(BIN)/.installed
 
 ## The main job: a real multi-stage pipeline over a real local broker.
 demo: $(BIN)/.installed
-	$(BIN)/python -m examples.demo
+	$(BIN)/python -m examples.orders.demo
 
 ## Everything CI checks: lint, types, unit and integration tests against a real broker.
 test: $(BIN)/.installed lint
@@ -27,9 +27,13 @@ test-unit: $(BIN)/.installed
 	$(BIN)/pytest -q tests/unit
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check pipeline stages tests examples
-	$(BIN)/ruff format --check pipeline stages tests examples
+	$(BIN)/ruff check pipeline stages tests examples bench
+	$(BIN)/ruff format --check pipeline stages tests examples bench
 	$(BIN)/mypy
+
+## Benchmarks: ratios against baselines measured in the same run (bench/README.md).
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,154 @@
+"""``python -m bench``: run the benchmarks on one broker and write ``bench/results/*.json``.
+
+The broker is ``PIPELINE_BOOTSTRAP`` when set, else a local one started for the run (see
+:func:`pipeline.broker.open_broker`). Every run uses fresh topics and groups, deleted at the
+end unless ``--keep-topics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+from bench import common, concurrency, report, stage_throughput
+from pipeline.broker import open_broker
+from pipeline.config import Settings
+
+BENCHMARKS = (stage_throughput.NAME, concurrency.NAME)
+
+
+def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}"
+        )
+    return names
+
+
+def _positive(text: str) -> int:
+    value = int(text.replace("_", ""))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    t = stage_throughput.Config()
+    c = concurrency.Config()
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmarks that report ratios against baselines measured in the same run.",
+    )
+    p.add_argument(
+        "--only",
+        type=lambda s: _names(s, BENCHMARKS, "benchmark"),
+        default=BENCHMARKS,
+        metavar="NAME[,NAME]",
+        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})",
+    )
+    p.add_argument("--records", type=_positive, default=t.records, help="stage_throughput input")
+    p.add_argument("--repeat", type=_positive, default=t.repeat, help="runs per contender")
+    p.add_argument(
+        "--contenders",
+        type=lambda s: _names(s, stage_throughput.CONTENDERS, "contender"),
+        default=t.contenders,
+        metavar="NAME[,NAME]",
+        help=f"stage_throughput contenders (default: {','.join(t.contenders)})",
+    )
+    p.add_argument(
+        "--faust-records",
+        type=_positive,
+        default=None,
+        help="cap faust's run (it is ~10x slower); default: all records",
+    )
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed warm-up pass that precedes the timed runs",
+    )
+    p.add_argument("--keys", type=_positive, default=t.keys, help="distinct keys (throughput)")
+    p.add_argument("--partitions", type=_positive, default=t.partitions)
+    p.add_argument("--c1-records", type=_positive, default=c.c1_records)
+    p.add_argument("--c64-records", type=_positive, default=c.c64_records)
+    p.add_argument(
+        "--profile",
+        nargs="?",
+        const="stage",
+        default=None,
+        choices=("stage", "stage_dedup"),
+        help="also profile one run of the framework (default: stage) with pyinstrument",
+    )
+    p.add_argument("--results", type=Path, default=report.RESULTS, help="where JSON goes")
+    p.add_argument("--keep-topics", action="store_true", help="do not delete the topics")
+    p.add_argument("-v", "--verbose", action="store_true", help="framework and client logs")
+    return p.parse_args(argv)
+
+
+async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
+    topics = common.Topics(bootstrap, args.partitions)
+    try:
+        if stage_throughput.NAME in args.only:
+            await stage_throughput.run(
+                bootstrap,
+                broker,
+                stage_throughput.Config(
+                    records=args.records,
+                    partitions=args.partitions,
+                    keys=args.keys,
+                    repeat=args.repeat,
+                    contenders=args.contenders,
+                    faust_records=args.faust_records,
+                    warmup=args.warmup,
+                    profile=args.profile,
+                    results=args.results,
+                ),
+                topics,
+            )
+        if concurrency.NAME in args.only:
+            await concurrency.run(
+                bootstrap,
+                broker,
+                concurrency.Config(
+                    c1_records=args.c1_records,
+                    c64_records=args.c64_records,
+                    partitions=args.partitions,
+                    results=args.results,
+                ),
+                topics,
+            )
+    finally:
+        if not args.keep_topics:
+            await topics.delete_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The framework's warnings are counted into each run's result; on the console only with -v.
+    framework = logging.getLogger("pipeline")
+    framework.addHandler(common.TALLY)
+    if not args.verbose:
+        framework.propagate = False
+        # Fresh topics make the clients log retriable leader changes and coordinator waits.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    t0 = time.monotonic()
+    with open_broker(Settings()) as handle:
+        broker = f"{handle.source} {handle.bootstrap}"
+        print(f"broker: {broker}")
+        asyncio.run(_run(args, handle.bootstrap, broker))
+    print(f"total {time.monotonic() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

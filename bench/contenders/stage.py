@@ -1,0 +1,156 @@
+"""The framework contender: a ``@stage`` in a :class:`Pipeline`, run by ``run_stages``.
+
+The stage runs exactly as ``pipeline run`` runs it, in this process. The only instrument is a
+subclass of :class:`KafkaTransport` that notes when the first records arrive and what each
+commit covers; it adds one call per fetched batch and per commit, nothing per record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
+from unittest import mock
+
+from bench import common, workload
+from pipeline.dsl import Pipeline, TopicPolicy
+from pipeline.runtime import runner
+from pipeline.runtime.runner import RunOptions, run_stages
+from pipeline.runtime.stats import StageStats
+from pipeline.runtime.topics import ensure_topics, topic_specs
+from pipeline.runtime.transport import Batching
+from pipeline.schema import SchemaStore
+from pipeline.stage import DedupPolicy, Stage, stage
+
+STAGE_NAME = "price"
+
+
+def timed_transport(base: type[Any], probe: common.Probe) -> type[Any]:
+    """A subclass of the runner's transport that reports first records and commits."""
+
+    class TimedTransport(base):  # type: ignore[misc]
+        async def fetch(self, *args: Any, **kwargs: Any) -> Mapping[Any, list[Any]]:
+            batches: Mapping[Any, list[Any]] = await super().fetch(*args, **kwargs)
+            if batches:
+                probe.received()
+            return batches
+
+        async def commit(self, offsets: Mapping[Any, int], *args: Any, **kwargs: Any) -> Any:
+            out = await super().commit(offsets, *args, **kwargs)
+            probe.committed({_partition_key(tp): o for tp, o in offsets.items()})
+            return out
+
+    return TimedTransport
+
+
+def _partition_key(tp: Any) -> tuple[str, int]:
+    """Offsets come keyed by topic-partition, or by partition number of the input topic."""
+    return ("", tp) if isinstance(tp, int) else (tp.topic, tp.partition)
+
+
+@contextlib.contextmanager
+def instrumented(probe: common.Probe) -> Iterator[None]:
+    """Make ``run_stages`` build its transports as :func:`timed_transport` ones."""
+    base = getattr(runner, "KafkaTransport", None)
+    if not isinstance(base, type) or not all(hasattr(base, m) for m in ("fetch", "commit")):
+        raise RuntimeError(
+            "pipeline.runtime.runner no longer builds a KafkaTransport with fetch() and "
+            "commit(); update bench/contenders/stage.py to instrument the new construction point"
+        )
+    with mock.patch.object(runner, "KafkaTransport", timed_transport(base, probe)):
+        yield
+
+
+async def run_stage(
+    bootstrap: str,
+    *,
+    source: str,
+    store: SchemaStore,
+    stage: Stage,
+    target: int,
+    partitions: int,
+    topics: common.Topics,
+    batching: Batching = Batching(),
+    label: str = "stage",
+    time_limit: float = 600,
+    wrap: Callable[[Awaitable[list[StageStats]]], Awaitable[list[StageStats]]] | None = None,
+) -> common.RunResult:
+    """Run ``stage`` over ``source`` until its commits cover ``target`` records.
+
+    Args:
+        time_limit: Give up (and report an error) after this many seconds.
+        wrap: Runs the worker coroutine (e.g. under a profiler); called with it, awaited.
+    """
+    pipeline = Pipeline(
+        common.unique("stage"),
+        source=source,
+        key=workload.KEY_FIELD,
+        schemas=store,
+        topics=TopicPolicy(partitions=partitions),
+    ).then(stage)
+    node = pipeline.node(stage.name)
+    assert node.output_topic is not None
+    topics.adopt(node.output_topic, node.dlq_topic, node.state_topic)
+    # The framework creates its topics as it would at start-up; waiting for them here keeps
+    # a new topic's first leader election out of the timed window, as for every contender.
+    await ensure_topics(bootstrap, topic_specs(pipeline))
+    await common.wait_for_topic(bootstrap, node.output_topic, partitions)
+    result = common.RunResult(label, notes={"output_topic": node.output_topic})
+    probe = common.Probe(target)
+    options = RunOptions(batching=batching, shutdown_timeout=60)
+    warnings_before, common.TALLY.first = common.TALLY.count, []
+    try:
+        with instrumented(probe):
+            work = run_stages(pipeline, [stage.name], bootstrap, options=options, stop=probe.done)
+            watchdog = asyncio.get_running_loop().call_later(time_limit, probe.done.set)
+            try:
+                stats = await (wrap(work) if wrap is not None else work)
+            finally:
+                watchdog.cancel()
+        result.seconds = probe.seconds()
+        result.records = probe.total
+        result.notes["stats"] = stats[0].as_dict() if stats else None
+        result.notes["framework_warnings"] = common.TALLY.since(warnings_before)
+    except Exception as exc:  # report it, let the other contenders run
+        result.error = common.describe(exc)
+        return result
+    await common.verify(bootstrap, result, node.output_topic, node.group, source)
+    result.notes["state_topic_records"] = await common.end_offsets(bootstrap, node.state_topic)
+    return result
+
+
+def sync_price_stage(*, dedup: bool = False) -> Stage:
+    """The throughput stage: decode, :func:`~bench.workload.transform`, encode.
+
+    Args:
+        dedup: Keep the default dedup policy; otherwise dedup is off, so that the stage does
+            exactly what the baselines do.
+    """
+
+    @stage(STAGE_NAME, input=workload.ORDER, output=workload.ORDER, dedup=_dedup(dedup))
+    def price(order: dict[str, Any]) -> dict[str, Any]:
+        return workload.transform(order)
+
+    return price
+
+
+def sleepy_stage(concurrency: int, sleep: float) -> Stage:
+    """An async stage that waits ``sleep`` seconds per record (a call to a slow service)."""
+
+    @stage(
+        STAGE_NAME,
+        input=workload.ORDER,
+        output=workload.ORDER,
+        concurrency=concurrency,
+        dedup=_dedup(False),
+    )
+    async def price(order: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(sleep)
+        return workload.transform(order)
+
+    return price
+
+
+def _dedup(default: bool) -> DedupPolicy:
+    return DedupPolicy() if default else DedupPolicy.off()

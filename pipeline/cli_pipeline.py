@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -100,7 +101,10 @@ def run(
         state_dir=state_dir,
         session_timeout_ms=session_timeout_ms,
     )
-    stats = asyncio.run(run_stages(pipeline, names, bootstrap_address(bootstrap), options=options))
+    address = bootstrap_address(bootstrap)
+    # Stage resources that open their own clients (e.g. an enrich table) find the broker here.
+    os.environ["PIPELINE_BOOTSTRAP"] = address
+    stats = asyncio.run(run_stages(pipeline, names, address, options=options))
     for s in stats:
         err.print(json.dumps(s.as_dict()), highlight=False)
 

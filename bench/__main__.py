@@ -14,11 +14,18 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, concurrency, report, stage_throughput
+from bench import common, concurrency, dedup_memory, delivery, report, restore, stage_throughput
 from pipeline.broker import open_broker
 from pipeline.config import Settings
 
-BENCHMARKS = (stage_throughput.NAME, concurrency.NAME)
+BENCHMARKS = (
+    stage_throughput.NAME,
+    concurrency.NAME,
+    delivery.NAME,
+    restore.NAME,
+    dedup_memory.NAME,
+)
+NO_BROKER = frozenset({dedup_memory.NAME})
 
 
 def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -85,6 +92,43 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("stage", "stage_dedup"),
         help="also profile one run of the framework (default: stage) with pyinstrument",
     )
+    d, r, m = delivery.Config(), restore.Config(), dedup_memory.Config()
+    p.add_argument("--delivery-records", type=_positive, default=d.records, help="delivery input")
+    p.add_argument(
+        "--delivery-repeat", type=_positive, default=d.repeat, help="runs per delivery mode"
+    )
+    p.add_argument(
+        "--delivery-big-fetch",
+        type=lambda s: int(s.replace("_", "")),
+        default=d.big_fetch,
+        metavar="RECORDS",
+        help="also run exactly-once with this many records per fetch (0: skip)",
+    )
+    p.add_argument(
+        "--delivery-dedup",
+        action="store_true",
+        help="also run both delivery modes with the dedup table on",
+    )
+    p.add_argument(
+        "--delivery-profile",
+        choices=("auto", "always", "never"),
+        default=d.profile,
+        help="profile one exactly-once run: when below target (auto), always or never",
+    )
+    p.add_argument(
+        "--restore-keys", type=_positive, default=r.keys, help="keys in the restored table"
+    )
+    p.add_argument(
+        "--restore-repeat", type=_positive, default=r.repeat, help="runs per restore path"
+    )
+    p.add_argument(
+        "--restore-stores",
+        type=lambda s: _names(s, restore.STORES, "store"),
+        default=r.stores,
+        metavar="NAME[,NAME]",
+        help=f"local stores to restore into (default: {','.join(r.stores)})",
+    )
+    p.add_argument("--dedup-keys", type=_positive, default=m.keys, help="dedup_memory keys")
     p.add_argument("--results", type=Path, default=report.RESULTS, help="where JSON goes")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the topics")
     p.add_argument("-v", "--verbose", action="store_true", help="framework and client logs")
@@ -123,6 +167,36 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                 ),
                 topics,
             )
+        if delivery.NAME in args.only:
+            await delivery.run(
+                bootstrap,
+                broker,
+                delivery.Config(
+                    records=args.delivery_records,
+                    partitions=args.partitions,
+                    keys=args.keys,
+                    repeat=args.delivery_repeat,
+                    warmup=args.warmup,
+                    big_fetch=args.delivery_big_fetch or None,
+                    dedup=args.delivery_dedup,
+                    profile=args.delivery_profile,
+                    results=args.results,
+                ),
+                topics,
+            )
+        if restore.NAME in args.only:
+            await restore.run(
+                bootstrap,
+                broker,
+                restore.Config(
+                    keys=args.restore_keys,
+                    partitions=args.partitions,
+                    repeat=args.restore_repeat,
+                    stores=args.restore_stores,
+                    results=args.results,
+                ),
+                topics,
+            )
     finally:
         if not args.keep_topics:
             await topics.delete_all()
@@ -142,10 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         # Fresh topics make the clients log retriable leader changes and coordinator waits.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     t0 = time.monotonic()
-    with open_broker(Settings()) as handle:
-        broker = f"{handle.source} {handle.bootstrap}"
-        print(f"broker: {broker}")
-        asyncio.run(_run(args, handle.bootstrap, broker))
+    if dedup_memory.NAME in args.only:  # no broker; first, before a broker JVM takes memory
+        dedup_memory.run(dedup_memory.Config(keys=args.dedup_keys, results=args.results))
+    if any(name not in NO_BROKER for name in args.only):
+        with open_broker(Settings()) as handle:
+            broker = f"{handle.source} {handle.bootstrap}"
+            print(f"broker: {broker}")
+            asyncio.run(_run(args, handle.bootstrap, broker))
     print(f"total {time.monotonic() - t0:.0f}s")
     return 0
 

@@ -22,7 +22,7 @@ from pipeline.errors import (
 from pipeline.publish import Publisher, SyncPublisher
 from pipeline.record import Emit, Record
 from pipeline.schema import Codec, Schema, SchemaStore
-from pipeline.stage import DedupPolicy, RetryPolicy, Stage, stage
+from pipeline.stage import DeadLetterPolicy, DedupPolicy, RetryPolicy, Stage, stage
 
 __all__ = [
     "BrokerError",
@@ -30,6 +30,7 @@ __all__ = [
     "Codec",
     "CodecError",
     "ConfigError",
+    "DeadLetterPolicy",
     "DecodeError",
     "DedupPolicy",
     "DefinitionError",

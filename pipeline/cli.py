@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from pipeline import cli_pipeline
+from pipeline import cli_dlq, cli_pipeline
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 
@@ -24,6 +24,7 @@ app = typer.Typer(
 kafka_app = typer.Typer(help="Run a local single-node Apache Kafka broker.", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
 cli_pipeline.register(app)
+cli_dlq.register(app)
 
 out = Console()
 err = Console(stderr=True)

@@ -105,6 +105,49 @@ class DedupPolicy:
         return cls(DedupMode.OFF)
 
 
+class AfterDeadLetter(enum.Enum):
+    """What happens to the later records of a key once one of its records is dead-lettered."""
+
+    CONTINUE = "continue"  # later records are processed as usual (the default)
+    PARK = "park"  # later records join it in the dead-letter topic until a replay (key order)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterPolicy:
+    """What a stage does with a key after one of its records was dead-lettered.
+
+    By default the key's later records are processed as usual (``continue``): the dead letter
+    is replayed later, out of order. With :meth:`park`, the key's later records are *parked*
+    next to it in the dead-letter topic (error class ``Parked``) until a replay sends them
+    through again in their original order; other keys are not affected. Parked keys live in
+    the stage's state table, so they survive restarts and rebalances. The full rule is in
+    :mod:`pipeline.runtime.parking`.
+
+    Example:
+        >>> DeadLetterPolicy.park().mode
+        <AfterDeadLetter.PARK: 'park'>
+        >>> DeadLetterPolicy().parks
+        False
+    """
+
+    mode: AfterDeadLetter = AfterDeadLetter.CONTINUE
+
+    @classmethod
+    def proceed(cls) -> DeadLetterPolicy:
+        """Keep processing the key's later records (the default)."""
+        return cls(AfterDeadLetter.CONTINUE)
+
+    @classmethod
+    def park(cls) -> DeadLetterPolicy:
+        """Park the key's later records in the dead-letter topic until they are replayed."""
+        return cls(AfterDeadLetter.PARK)
+
+    @property
+    def parks(self) -> bool:
+        """Whether keys are parked after a dead letter."""
+        return self.mode is AfterDeadLetter.PARK
+
+
 @dataclass(frozen=True, slots=True)
 class Stage:
     """A named, reusable filter with declared Avro input and output schemas.
@@ -127,6 +170,7 @@ class Stage:
     concurrency: int = 1
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     dedup: DedupPolicy = field(default_factory=DedupPolicy)
+    on_dead_letter: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
     is_async: bool = False
     wants_record: bool = False
 
@@ -179,6 +223,7 @@ def stage(
     concurrency: int = 1,
     retry: RetryPolicy | None = None,
     dedup: DedupPolicy | None = None,
+    on_dead_letter: DeadLetterPolicy | None = None,
 ) -> Callable[[StageFn], Stage]:
     """Turn a function into a :class:`Stage`.
 
@@ -190,6 +235,8 @@ def stage(
             each key keeps its order.
         retry: Retries before a failing record is dead-lettered.
         dedup: How duplicates are recognised.
+        on_dead_letter: What happens to a key's later records once one of its records is
+            dead-lettered: processed as usual (default) or parked until a replay.
     """
 
     def wrap(fn: StageFn) -> Stage:
@@ -201,6 +248,7 @@ def stage(
             concurrency=concurrency,
             retry=retry or RetryPolicy(),
             dedup=dedup or DedupPolicy(),
+            on_dead_letter=on_dead_letter or DeadLetterPolicy(),
             is_async=inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn),
             wants_record=_positional_arity(fn) >= 2,
         )

@@ -3,6 +3,10 @@
 The worker (:mod:`pipeline.runtime.worker`) owns the loop, batching, rebalances and commits;
 this module owns the per-record path, which decides the framework's speed: no awaits unless the
 stage is async or a call fails, no per-record logging, few objects per record.
+
+Replayed records (``dlq.replayed``) and parked keys take a slower path of their own, described
+in :mod:`pipeline.runtime.parking`; with the default ``on_dead_letter`` policy (continue) the
+hot path does not look at parks at all.
 """
 
 from __future__ import annotations
@@ -16,7 +20,20 @@ from typing import Any
 from pipeline.dsl import StageNode
 from pipeline.errors import CodecError, StageError
 from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, Emit, Record, decode_seq
-from pipeline.runtime.deadletter import dead_letter_headers, error_class
+from pipeline.runtime.deadletter import (
+    REPLAYED,
+    ClassLog,
+    Parked,
+    dead_letter_headers,
+    error_class,
+)
+from pipeline.runtime.parking import (
+    Park,
+    ReplayMark,
+    admit_replayed,
+    replay_identity,
+    replay_of,
+)
 from pipeline.runtime.state import DUPLICATE, GAP, PartitionTable, now_ms, position
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.transport import Transport
@@ -56,23 +73,26 @@ class RecordHandler:
         mode = stage.dedup.mode
         self._by_seq = mode in (DedupMode.AUTO, DedupMode.SEQUENCE)
         self._by_id = mode in (DedupMode.AUTO, DedupMode.EVENT_ID)
+        self._parks = stage.on_dead_letter.parks
+        # The gate in front of each record: dedup, plus the park check only in park mode.
+        self._gate = self._check_parked if self._parks else self._check
+        self._class_log = ClassLog(node.name)
 
     # -- the two entry points: a whole batch of a sync stage, one record of an async one --
 
     async def handle_sync_batch(self, msgs: list[Any], table: PartitionTable) -> None:
         """Handle a partition's batch in order; awaits only when a call fails."""
-        decode, invoke, stats = self._decode, self._invoke, self.stats
+        decode, invoke, stats, gate = self._decode, self._invoke, self.stats, self._gate
         for msg in msgs:
             stats.consumed += 1
-            seq, part, eid = _ids(msg.headers)
-            mark = self._check(msg, table, seq, part, eid)
+            seq, part, eid, replay = _ids(msg.headers)
+            mark = gate(msg, table, seq, part, eid, replay)
             if mark is None:
                 continue
             try:
                 value = decode(msg.value)
             except CodecError as exc:
-                self.dead_letter(msg, exc, 0)
-                self._remember(msg, table, mark)
+                self._dead(msg, exc, 0, table, mark)
                 continue
             record = Record(
                 msg.key, value, seq=seq, id=eid, headers=msg.headers, timestamp=msg.timestamp,
@@ -84,25 +104,27 @@ class RecordHandler:
                 if type(result) is GeneratorType:  # a returned generator: run it here
                     result = list(result)
             except Exception as exc:
-                result = await self._retry_or_dead_letter(msg, record, exc)
+                result = await self._retry_or_dead_letter(msg, record, exc, mark)
                 if result is _DEAD:
-                    self._remember(msg, table, mark)
                     continue
-            self._emit(msg, result, part)
+            try:
+                self._emit(msg, result, part)
+            except CodecError as exc:  # an output that breaks the output schema
+                self._dead(msg, exc, 1, table, mark)
+                continue
             self._remember(msg, table, mark)
 
     async def handle_one(self, msg: Any, table: PartitionTable) -> None:
         """Handle one record of an async stage (inline or in a key lane)."""
         self.stats.consumed += 1
-        seq, part, eid = _ids(msg.headers)
-        mark = self._check(msg, table, seq, part, eid)
+        seq, part, eid, replay = _ids(msg.headers)
+        mark = self._gate(msg, table, seq, part, eid, replay)
         if mark is None:
             return
         try:
             value = self._decode(msg.value)
         except CodecError as exc:
-            self.dead_letter(msg, exc, 0)
-            self._remember(msg, table, mark)
+            self._dead(msg, exc, 0, table, mark)
             return
         record = Record(
             msg.key, value, seq=seq, id=eid, headers=msg.headers, timestamp=msg.timestamp,
@@ -114,19 +136,30 @@ class RecordHandler:
             if type(result) is GeneratorType:
                 result = list(result)
         except Exception as exc:
-            result = await self._retry_or_dead_letter(msg, record, exc)
+            result = await self._retry_or_dead_letter(msg, record, exc, mark)
             if result is _DEAD:
-                self._remember(msg, table, mark)
                 return
-        self._emit(msg, result, part)
+        try:
+            self._emit(msg, result, part)
+        except CodecError as exc:
+            self._dead(msg, exc, 1, table, mark)
+            return
         self._remember(msg, table, mark)
 
     # -- dedup: check before handling, remember after (so state never runs ahead of output) --
 
     def _check(
-        self, msg: Any, table: PartitionTable, seq: int | None, part: int, eid: bytes | None
+        self,
+        msg: Any,
+        table: PartitionTable,
+        seq: int | None,
+        part: int,
+        eid: bytes | None,
+        replay: bytes | None,
     ) -> Any:
         """None for a duplicate; otherwise what to remember once the record is handled."""
+        if replay is not None:
+            return self._check_replayed(msg, table, seq, part, eid)
         if self._by_seq and seq is not None and msg.key is not None:
             pos = position(seq, part)
             status = table.check_sequence(msg.key, pos)
@@ -154,12 +187,69 @@ class RecordHandler:
             return
         if type(mark) is int:
             table.remember_sequence(msg.key, mark)
+        elif type(mark) is ReplayMark:
+            mark.done(table, msg.key, now_ms())
         else:
             table.remember_id(*mark)
 
+    # -- replays and parked keys (see pipeline.runtime.parking) ------------------------------
+
+    def _check_replayed(
+        self, msg: Any, table: PartitionTable, seq: int | None, part: int, eid: bytes | None
+    ) -> ReplayMark | None:
+        """A replayed record: dedup by replay identity; then rule 3 (parking stages only)."""
+        identity, pos = replay_identity(msg.key, seq, part, eid, self._by_seq, self._by_id)
+        if identity is not None and table.was_replayed(identity):
+            self.stats.duplicates += 1
+            return None
+        replay = replay_of(msg.headers, self.node.name)
+        if self._parks:
+            park = admit_replayed(table, msg.key, replay)
+            if park is not None:
+                self._park(msg, park)  # not remembered: a later replay brings it back
+                return None
+        return ReplayMark(identity, pos, replay)
+
+    def _check_parked(
+        self,
+        msg: Any,
+        table: PartitionTable,
+        seq: int | None,
+        part: int,
+        eid: bytes | None,
+        replay: bytes | None,
+    ) -> Any:
+        """The gate of a parking stage: dedup, then park the records of parked keys."""
+        mark = self._check(msg, table, seq, part, eid, replay)
+        if mark is None or replay is not None or msg.key is None:
+            return mark  # replayed records took their own path through the parks
+        raw = table.parked(msg.key)
+        if raw is None:
+            return mark
+        self._park(msg, Park.decode(raw))
+        self._remember(msg, table, mark)  # handled: a redelivered copy is a duplicate
+        return None
+
+    def _park(self, msg: Any, park: Park) -> None:
+        self.dead_letter(msg, Parked(park.reason()), 0)
+
+    def _dead(self, msg: Any, exc: BaseException, attempts: int, table: Any, mark: Any) -> None:
+        """Dead-letter a record, park its key (park mode) and remember it as handled."""
+        self.dead_letter(msg, exc, attempts)
+        replay = ""
+        if type(mark) is ReplayMark:
+            replay = mark.replay  # not remembered: a later replay may process it
+        else:
+            self._remember(msg, table, mark)
+        if self._parks and msg.key is not None:
+            park = Park(replay, msg.topic, msg.partition, msg.offset, error_class(exc))
+            table.park(msg.key, park.encode())
+
     # -- failures ----------------------------------------------------------------------------
 
-    async def _retry_or_dead_letter(self, msg: Any, record: Record, exc: Exception) -> Any:
+    async def _retry_or_dead_letter(
+        self, msg: Any, record: Record, exc: Exception, mark: Any
+    ) -> Any:
         """Retry the stage function with backoff; dead-letter the record when it keeps failing.
 
         Each attempt gets a freshly decoded value: a failed attempt may have changed the last.
@@ -181,7 +271,7 @@ class RecordHandler:
                 exc = again
                 continue
             return result
-        self.dead_letter(msg, exc, attempt)
+        self._dead(msg, exc, attempt, record._table, mark)
         return _DEAD
 
     def dead_letter(self, msg: Any, exc: BaseException, attempts: int) -> None:
@@ -201,6 +291,7 @@ class RecordHandler:
                 self.node.name, msg.topic, msg.partition, msg.offset, attempts,
                 error_class(exc), exc, stats.dead_letters,
             )  # fmt: skip
+        self._class_log.dead_lettered(stats.dead_by_error)
 
     # -- output ------------------------------------------------------------------------------
 
@@ -214,29 +305,26 @@ class RecordHandler:
             return
         encode, t, out, src = self._encode, self.transport, self._out, msg.partition
         assert encode is not None
-        try:
-            if type(result) is dict:  # the common case first: one value, same key
-                data = encode(result)
-                dest = t.partition_for(out, msg.key)
-                t.append(out, dest, msg.key, data, msg.headers, msg.timestamp, src)
-                stats.produced += 1
-            elif isinstance(result, list | tuple):
-                if not result:
-                    stats.filtered += 1
-                    return
-                # All or nothing: encode every value before writing any.
-                outputs = [self._output(msg, item, part, i) for i, item in enumerate(result)]
-                for key, data, headers in outputs:
-                    dest = t.partition_for(out, key)
-                    t.append(out, dest, key, data, headers, msg.timestamp, src)
-                stats.produced += len(outputs)
-            else:
-                key, data, headers = self._output(msg, result, part, None)
-                t.append(out, t.partition_for(out, key), key, data, headers, msg.timestamp, src)
-                stats.produced += 1
-        except CodecError as exc:
-            self.dead_letter(msg, exc, 1)
-            return
+        # A CodecError (an output that breaks the schema) goes to the caller, which
+        # dead-letters the input; every output is encoded before any is written.
+        if type(result) is dict:  # the common case first: one value, same key
+            data = encode(result)
+            dest = t.partition_for(out, msg.key)
+            t.append(out, dest, msg.key, data, msg.headers, msg.timestamp, src)
+            stats.produced += 1
+        elif isinstance(result, list | tuple):
+            if not result:
+                stats.filtered += 1
+                return
+            outputs = [self._output(msg, item, part, i) for i, item in enumerate(result)]
+            for key, data, headers in outputs:
+                dest = t.partition_for(out, key)
+                t.append(out, dest, key, data, headers, msg.timestamp, src)
+            stats.produced += len(outputs)
+        else:
+            key, data, headers = self._output(msg, result, part, None)
+            t.append(out, t.partition_for(out, key), key, data, headers, msg.timestamp, src)
+            stats.produced += 1
         stats.processed += 1
 
     def _output(
@@ -264,6 +352,8 @@ class RecordHandler:
         # of its own (derived, so a replay derives the same one) and no sequence.
         kept = [h for h in msg.headers if h[0] not in (SEQ_HEADER, PART_HEADER, ID_HEADER)]
         eid = next((v for k, v in msg.headers if k == ID_HEADER), b"") + b"/" + item.key
+        if index is not None:  # several outputs to one new key stay distinct
+            eid += b"#" + str(index).encode()
         return item.key, data, [*kept, (ID_HEADER, eid), *item.headers]
 
 
@@ -271,9 +361,9 @@ def _with_part(headers: Any, part: int) -> list[tuple[str, bytes]]:
     return [*(h for h in headers if h[0] != PART_HEADER), (PART_HEADER, str(part).encode())]
 
 
-def _ids(headers: Any) -> tuple[int | None, int, bytes | None]:
-    """The record's sequence number, flat-map part and event id, from its headers."""
-    seq = eid = None
+def _ids(headers: Any) -> tuple[int | None, int, bytes | None, bytes | None]:
+    """The record's sequence number, flat-map part, event id and replay id, from its headers."""
+    seq = eid = replay = None
     part = 0
     for k, v in headers:
         if k == SEQ_HEADER:
@@ -282,7 +372,9 @@ def _ids(headers: Any) -> tuple[int | None, int, bytes | None]:
             eid = v
         elif k == PART_HEADER:
             part = int(v)
-    return seq, part, eid
+        elif k == REPLAYED:
+            replay = v
+    return seq, part, eid, replay
 
 
 def _retriable(exc: BaseException) -> bool:

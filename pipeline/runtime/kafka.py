@@ -80,22 +80,32 @@ class BatchWriter:
         """Drop everything buffered (its transaction was abandoned)."""
         self._full, self._builders, self.buffered = [], {}, 0
 
-    async def flush(self) -> int:
-        """Send every buffered record; return how many, once all are acknowledged."""
+    def take(self) -> list[tuple[Any, str, int]]:
+        """Take everything buffered (the buffers start empty again); send it with :meth:`send`.
+
+        Records appended after ``take`` belong to the next send: a commit takes its snapshot
+        synchronously, so the concurrent worker and overlapped commits stay exact.
+        """
         batches = self._full
         batches.extend((b, t, p) for (t, p), b in self._builders.items())
-        count = self.buffered
-        # Swap the buffers before the first await: records appended meanwhile go to the next
-        # flush (the concurrent worker relies on this).
         self._full, self._builders, self.buffered = [], {}, 0
+        return batches
+
+    async def send(self, batches: list[tuple[Any, str, int]]) -> None:
+        """Send taken batches and wait until all are acknowledged."""
         if not batches:
-            return 0
+            return
         try:
             futures = [await self._producer.send_batch(b, t, partition=p) for b, t, p in batches]
             for fut in futures:
                 await fut
         except kerr.KafkaError as exc:
             raise translate(exc, "writing records") from exc
+
+    async def flush(self) -> int:
+        """Send every buffered record; return how many, once all are acknowledged."""
+        count = self.buffered
+        await self.send(self.take())
         return count
 
 

@@ -84,6 +84,9 @@ class KafkaTransport:
             max_poll_records=batching.max_records,
             fetch_max_wait_ms=batching.fetch_wait_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            # A topic created just before the stage starts may be missing from the first
+            # metadata answer; refresh soon rather than after aiokafka's default 5 minutes.
+            metadata_max_age_ms=5_000,
         )
         self._producer = self._new_producer(None)  # at-least-once writes; metadata in EOS
         self._writer = BatchWriter(self._producer)
@@ -253,6 +256,12 @@ class KafkaTransport:
         else:
             self._writer.append(topic, partition, key, value, headers, timestamp)
 
+    def discard(self, partition: int) -> None:
+        """Drop what is buffered for input partition ``partition`` (its transaction was lost)."""
+        entry = self._txn.get(partition)
+        if entry is not None:
+            entry[1].discard()
+
     async def commit(
         self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]
     ) -> set[int]:
@@ -267,11 +276,19 @@ class KafkaTransport:
             state and processes them again from the committed offset.
         """
         if self.exactly_once:
+            # Take every partition's snapshot before the first await: records handled while
+            # the transactions run belong to the next commit.
+            snapshots = {}
+            for partition in sorted(self._txn):  # offsets of released partitions are void
+                writer = self._txn[partition][1]
+                for key, value in state.get(partition, {}).items():
+                    writer.append(self.state_topic, partition, key, value, (), None)
+                snapshots[partition] = writer.take()
             lost = set()
-            for partition in sorted(set(offsets) | set(state)):
-                if not await self._commit_transaction(
-                    partition, offsets.get(partition), state.get(partition, {})
-                ):
+            for partition, batches in snapshots.items():
+                if not batches and partition not in offsets:
+                    continue
+                if not await self._commit_transaction(partition, offsets.get(partition), batches):
                     lost.add(partition)
             return lost
         await self._writer.flush()
@@ -298,22 +315,28 @@ class KafkaTransport:
             raise translate(exc, "committing offsets", group=self.group) from exc
 
     async def _commit_transaction(
-        self, partition: int, offset: int | None, updates: Mapping[bytes, bytes | None]
+        self, partition: int, offset: int | None, batches: list[tuple[Any, str, int]]
     ) -> bool:
         producer, writer = self._txn[partition]
-        for key, value in updates.items():
-            writer.append(self.state_topic, partition, key, value, (), None)
+        ok = False
         try:
-            return await self._transaction(producer, writer, partition, offset)
+            ok = await self._transaction(producer, writer, batches, partition, offset)
+            return ok
         finally:
-            writer.discard()  # after a failure, nothing of this batch may leak into the next
+            if not ok:  # nothing buffered for a lost transaction may leak into the next
+                writer.discard()
 
     async def _transaction(
-        self, producer: AIOKafkaProducer, writer: BatchWriter, partition: int, offset: int | None
+        self,
+        producer: AIOKafkaProducer,
+        writer: BatchWriter,
+        batches: list[tuple[Any, str, int]],
+        partition: int,
+        offset: int | None,
     ) -> bool:
         try:
             await producer.begin_transaction()
-            await writer.flush()
+            await writer.send(batches)
             if offset is not None:
                 await producer.send_offsets_to_transaction(
                     {KafkaTP(self.input_topic, partition): offset}, self.group

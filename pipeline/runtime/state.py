@@ -9,7 +9,14 @@ Changelog keys start with one byte that says what they hold:
 
 - ``\\x00`` + record key: the last (sequence, part) processed for the key (dedup by sequence);
 - ``\\x01`` + event id: when the event was seen (dedup by event id, with a TTL);
-- ``\\x02`` + record key: the stage's own value for the key (``record.state``), JSON.
+- ``\\x02`` + record key: the stage's own value for the key (``record.state``), JSON;
+- ``\\x03`` + record key: the key is *parked* after a dead letter (see
+  :mod:`pipeline.runtime.parking`); the value says which dead letter and in which replay;
+- ``\\x04`` + replay identity: a replayed record was processed (a later replay of the same
+  dead letter is a duplicate); the value is when, in ms.
+
+Parks and replay marks are kept in the local store (not only in memory), so a persistent store
+restored from a checkpoint still has them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 SEQ_PREFIX = b"\x00"
 ID_PREFIX = b"\x01"
 USER_PREFIX = b"\x02"
+PARK_PREFIX = b"\x03"
+REPLAY_PREFIX = b"\x04"
 
 NEW, DUPLICATE, GAP = 0, 1, 2
 _PART_BITS = 64
@@ -211,8 +220,38 @@ class PartitionTable:
             self.store.pop(ckey, None)
         elif prefix == SEQ_PREFIX:
             self.store[ckey] = decode_position(value)
-        else:
+        else:  # user values, parks and replay marks are kept as the changelog holds them
             self.store[ckey] = value
+
+    def parked(self, key: bytes) -> bytes | None:
+        """The park of ``key`` (encoded by :mod:`pipeline.runtime.parking`), or ``None``."""
+        raw: bytes | None = self.store.get(PARK_PREFIX + key)
+        return raw
+
+    def park(self, key: bytes, park: bytes) -> None:
+        """Park ``key``: its later records go to the dead-letter topic until a replay."""
+        self.store[PARK_PREFIX + key] = park
+        self.dirty[PARK_PREFIX + key] = park
+
+    def unpark(self, key: bytes) -> None:
+        """Let ``key``'s records through again."""
+        self.store.pop(PARK_PREFIX + key, None)
+        self.dirty[PARK_PREFIX + key] = None
+
+    def was_replayed(self, identity: bytes) -> bool:
+        """Whether a replayed record with this identity was processed already."""
+        return self.store.get(REPLAY_PREFIX + identity) is not None
+
+    def remember_replayed(self, identity: bytes, now_ms: int) -> None:
+        """A replayed record is processed: a later replay of the same record is a duplicate."""
+        raw = now_ms.to_bytes(8, "big")
+        self.store[REPLAY_PREFIX + identity] = raw
+        self.dirty[REPLAY_PREFIX + identity] = raw
+
+    def last_position(self, key: bytes) -> int | None:
+        """The last (sequence, part) position handled for ``key``, or ``None``."""
+        last: int | None = self.store.get(SEQ_PREFIX + key)
+        return last
 
     def take_dirty(self) -> dict[bytes, bytes | None]:
         dirty, self.dirty = self.dirty, {}

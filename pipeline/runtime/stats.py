@@ -6,6 +6,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline.runtime.deadletter import by_class
+
 
 @dataclass(slots=True)
 class StageStats:
@@ -39,8 +41,9 @@ class StageStats:
         """One log line of the counters."""
         return (
             f"in {self.consumed}, out {self.produced}, filtered {self.filtered}, "
-            f"duplicates {self.duplicates}, dead letters {self.dead_letters}, "
-            f"{self.rate():.0f} rec/s"
+            f"duplicates {self.duplicates}, dead letters {self.dead_letters}"
+            + (f" ({by_class(self.dead_by_error)})" if self.dead_by_error else "")
+            + f", {self.rate():.0f} rec/s"
         )
 
     def as_dict(self) -> dict[str, object]:

@@ -102,6 +102,10 @@ class Transport(Protocol):
     ) -> None:
         """Buffer one output of a record read from input partition ``source``."""
 
+    def discard(self, partition: int) -> None:
+        """Drop outputs buffered for records of input partition ``partition`` (EOS; after its
+        transaction was lost and the partition rewound)."""
+
     async def commit(
         self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]
     ) -> set[int]:

@@ -68,6 +68,7 @@ class StageWorker:
         self._lanes: KeyLanes | None = None
         self._tracker = OffsetTracker()
         self._commit_lock = asyncio.Lock()
+        self._inflight: asyncio.Task[set[int]] | None = None  # the commit in flight
 
     async def run(self, stop: asyncio.Event) -> StageStats:
         """Process until ``stop`` is set, then finish in-flight records, commit and leave."""
@@ -82,9 +83,12 @@ class StageWorker:
             else:
                 await self._run_inline(stop)
         finally:
-            for partition in list(self.table.partitions):
-                await self._close_partition(partition)
-            await t.stop()
+            try:
+                await self._settle()
+            finally:
+                for partition in list(self.table.partitions):
+                    await self._close_partition(partition)
+                await t.stop()
         return self.stats
 
     # -- concurrency = 1: the hot path, no task per record -------------------------------
@@ -94,6 +98,9 @@ class StageWorker:
         while not stop.is_set():
             batches = await t.fetch(b.fetch_wait_ms, b.max_records)
             if not batches:
+                if self._inflight is not None and self._inflight.done():
+                    async with self._lock:
+                        await self._settle()  # idle: account for the last commit now
                 continue
             async with self._lock:
                 owned = t.assignment()
@@ -109,7 +116,10 @@ class StageWorker:
                     else:
                         await handler.handle_sync_batch(msgs, table)
                     offsets[tp.partition] = msgs[-1].offset + 1
-                await self._commit(offsets)
+                # The previous batch's commit ran while this one was handled; finish it, then
+                # start this one's, which runs while the next batch is fetched and handled.
+                await self._settle(offsets)
+                await self._start_commit(offsets)
 
     # -- concurrency > 1: key lanes ------------------------------------------------------
 
@@ -176,10 +186,34 @@ class StageWorker:
             await self._commit(self._tracker.made_durable(done))
 
     async def _commit(self, offsets: dict[int, int]) -> None:
+        await self._start_commit(offsets)
+        await self._settle()
+
+    async def _start_commit(self, offsets: dict[int, int]) -> None:
+        """Start committing everything handled so far; at most one commit is in flight."""
         state = {p: tbl.take_dirty() for p, tbl in self.table.partitions.items() if tbl.dirty}
-        lost = await self.transport.commit(offsets, state)
+        self._inflight = asyncio.create_task(self.transport.commit(offsets, state))
+        # Let the commit take its snapshot (the transport swaps its buffers before its first
+        # await) before anything else is appended: records handled from now on belong to the
+        # next commit, even under exactly-once.
+        await asyncio.sleep(0)
+
+    async def _settle(self, handled_since: dict[int, int] | None = None) -> None:
+        """Wait for the commit in flight; deal with partitions whose transaction was lost.
+
+        Args:
+            handled_since: Offsets of a batch handled while the commit ran; a lost
+                partition's entry is dropped (its records are read again from the log).
+        """
+        task, self._inflight = self._inflight, None
+        if task is None:
+            return
+        lost = await task
         self.stats.commits += 1
         for partition in lost:  # EOS: the transaction did not commit; start over from the log
+            if handled_since is not None:
+                handled_since.pop(partition, None)
+            self.transport.discard(partition)  # outputs handled since then are void too
             self._tracker.forget({partition})
             self.table.close(partition)
             await self._restore(partition)
@@ -189,6 +223,7 @@ class StageWorker:
     async def _skip(self, tp: Any, owned: set[Any]) -> None:
         """A batch fetched before a rebalance: never let its records go unhandled."""
         if tp in owned:
+            await self._settle()
             # Still ours (handed back by the rebalance): read it again from the committed
             # offset, or the next commit would pass records nobody handled.
             await self.transport.rewind(tp.partition)
@@ -227,6 +262,7 @@ class StageWorker:
     async def _on_revoked(self, revoked: set[Any]) -> None:
         """Before partitions move: finish what we hold, make it durable, commit, drop state."""
         async with self._lock:
+            await self._settle()
             if self._lanes is not None:
                 await self._lanes.wait_idle()
                 await self._flush_and_commit()

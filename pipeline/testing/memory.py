@@ -249,6 +249,9 @@ class MemoryTransport:
             return 0
         return self.broker.end_offsets(self.state_topic)[partition]
 
+    def discard(self, partition: int) -> None:
+        """Nothing to drop: the memory log never loses a commit."""
+
     async def rebalance(self, partitions: Iterable[int]) -> None:
         """Move the assignment to ``partitions`` of the input topic, as an eager rebalance does.
 

@@ -77,11 +77,23 @@ class RecordHandler:
         # The gate in front of each record: dedup, plus the park check only in park mode.
         self._gate = self._check_parked if self._parks else self._check
         self._class_log = ClassLog(node.name)
+        # The plain path: no dedup, no parking, f(value) only, sync. No headers are read and
+        # no Record is built unless a call fails.
+        self._plain = not (
+            self._by_seq or self._by_id or self._parks or stage.wants_record or stage.is_async
+        )
+        self._fn = stage.fn
+        # Same partition counts in and out (the pipeline's co-partitioning contract): a
+        # record that keeps its key keeps its partition, with no hashing at all.
+        self.keep_partition = False
 
     # -- the two entry points: a whole batch of a sync stage, one record of an async one --
 
     async def handle_sync_batch(self, msgs: list[Any], table: PartitionTable) -> None:
         """Handle a partition's batch in order; awaits only when a call fails."""
+        if self._plain:
+            await self._plain_batch(msgs, table)
+            return
         decode, invoke, stats, gate = self._decode, self._invoke, self.stats, self._gate
         for msg in msgs:
             stats.consumed += 1
@@ -113,6 +125,44 @@ class RecordHandler:
                 self._dead(msg, exc, 1, table, mark)
                 continue
             self._remember(msg, table, mark)
+
+    async def _plain_batch(self, msgs: list[Any], table: PartitionTable) -> None:
+        """:meth:`handle_sync_batch` for the plain case, with the common result inlined."""
+        decode, fn, encode, stats = self._decode, self._fn, self._encode, self.stats
+        out, append, keep = self._out, self.transport.append, self.keep_partition
+        for msg in msgs:
+            stats.consumed += 1
+            try:
+                value = decode(msg.value)
+            except CodecError as exc:
+                self._dead(msg, exc, 0, table, False)
+                continue
+            try:
+                result = fn(value)
+                if type(result) is GeneratorType:
+                    result = list(result)
+            except Exception as exc:
+                seq, _part, eid, _replay = _ids(msg.headers)
+                record = Record(
+                    msg.key, value, seq=seq, id=eid, headers=msg.headers,
+                    timestamp=msg.timestamp, topic=msg.topic, partition=msg.partition,
+                    offset=msg.offset,
+                )  # fmt: skip
+                record._table = table
+                result = await self._retry_or_dead_letter(msg, record, exc, False)
+                if result is _DEAD:
+                    continue
+            try:
+                if type(result) is dict and keep and encode is not None and out is not None:
+                    data = encode(result)
+                    src = msg.partition
+                    append(out, src, msg.key, data, msg.headers, msg.timestamp, src)
+                    stats.produced += 1
+                    stats.processed += 1
+                else:
+                    self._emit(msg, result, _ids(msg.headers)[1])
+            except CodecError as exc:
+                self._dead(msg, exc, 1, table, False)
 
     async def handle_one(self, msg: Any, table: PartitionTable) -> None:
         """Handle one record of an async stage (inline or in a key lane)."""
@@ -309,7 +359,7 @@ class RecordHandler:
         # dead-letters the input; every output is encoded before any is written.
         if type(result) is dict:  # the common case first: one value, same key
             data = encode(result)
-            dest = t.partition_for(out, msg.key)
+            dest = src if self.keep_partition else t.partition_for(out, msg.key)
             t.append(out, dest, msg.key, data, msg.headers, msg.timestamp, src)
             stats.produced += 1
         elif isinstance(result, list | tuple):

@@ -75,9 +75,17 @@ class StageWorker:
         t = self.transport
         await t.start(self._on_revoked, self._on_assigned)
         try:
-            for topic in (self.node.output_topic, self.node.dlq_topic, self.node.state_topic):
+            counts = {}
+            for topic in (
+                self.node.input_topic, self.node.output_topic, self.node.dlq_topic,
+                self.node.state_topic,
+            ):  # fmt: skip
                 if topic:
-                    await t.prepare_topic(topic)
+                    counts[topic] = await t.prepare_topic(topic)
+            out = self.node.output_topic
+            self.handler.keep_partition = (
+                out is not None and counts[out] == counts[self.node.input_topic]
+            )
             if self.node.stage.concurrency > 1:
                 await self._run_lanes(stop)
             else:

@@ -155,6 +155,7 @@ class Probe:
         self.target = target
         self.t_first: float | None = None
         self.t_end: float | None = None
+        self.at_end = 0  # records covered by the commit that reached the target
         self.positions: dict[tuple[str, int], int] = {}
         self.done = asyncio.Event()
 
@@ -166,6 +167,7 @@ class Probe:
         self.positions.update(positions)
         if self.t_end is None and self.total >= self.target:
             self.t_end = time.monotonic()
+            self.at_end = self.total  # a graceful stop may commit more later: not timed
             self.done.set()
 
     @property
@@ -192,7 +194,8 @@ class RunResult:
     """One timed run of one contender."""
 
     contender: str
-    records: int = 0  # records covered by the timed interval
+    records: int = 0  # records the run handled and committed in all
+    timed_records: int | None = None  # records covered by the timed interval, if fewer
     seconds: float | None = None
     output_records: int | None = None  # end offsets of the output topic, read afterwards
     committed_records: int | None = None  # the group's committed offsets, read afterwards
@@ -203,7 +206,8 @@ class RunResult:
     def records_per_s(self) -> float | None:
         if self.error or not self.seconds:
             return None
-        return self.records / self.seconds
+        timed = self.records if self.timed_records is None else self.timed_records
+        return timed / self.seconds
 
     @property
     def verified(self) -> bool:

@@ -73,7 +73,9 @@ def run(
     bootstrap: BootstrapOpt = None,
     stats_file: Annotated[Path | None, typer.Option(help="Write JSON counters here.")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
-    max_records: Annotated[int, typer.Option(help="Records per fetch.")] = 2000,
+    max_records: Annotated[
+        int | None, typer.Option(help="Records per fetch (default: Batching's).")
+    ] = None,
     state_dir: Annotated[
         Path | None, typer.Option(help="Keep state tables in RocksDB here (default: memory).")
     ] = None,
@@ -95,7 +97,7 @@ def run(
         raise ConfigError("say which stages to run: --stage NAME (repeatable) or --all")
     names = [s.name for s in pipeline.stages] if all_stages else list(stage or [])
     options = RunOptions(
-        batching=Batching(max_records=max_records),
+        batching=Batching(max_records=max_records) if max_records else Batching(),
         shutdown_timeout=shutdown_timeout,
         stats_file=stats_file,
         state_dir=state_dir,

@@ -69,6 +69,7 @@ async def run_loop(
             await producer.stop()
         result.seconds = probe.seconds()
         result.records = probe.total
+        result.timed_records = probe.at_end
     except Exception as exc:  # report it, let the other contenders run
         result.error = common.describe(exc)
         return result

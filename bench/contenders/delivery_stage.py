@@ -261,6 +261,7 @@ async def run_delivery(
                 watchdog.cancel()
         result.seconds = clock.probe.seconds()
         result.records = clock.probe.total
+        result.timed_records = clock.probe.at_end
         result.notes["clock"] = clock.summary(result.seconds)
         result.notes["stats"] = stats[0].as_dict() if stats else None
         result.notes["framework_warnings"] = common.TALLY.since(warnings_before)

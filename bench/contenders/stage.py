@@ -110,6 +110,7 @@ async def run_stage(
                 watchdog.cancel()
         result.seconds = probe.seconds()
         result.records = probe.total
+        result.timed_records = probe.at_end
         result.notes["stats"] = stats[0].as_dict() if stats else None
         result.notes["framework_warnings"] = common.TALLY.since(warnings_before)
     except Exception as exc:  # report it, let the other contenders run

@@ -42,7 +42,7 @@ class Batching:
         500
     """
 
-    max_records: int = 2000  # records per fetch
+    max_records: int = 5000  # records per fetch
     fetch_wait_ms: int = 100  # how long a fetch may wait for records
     max_batch_bytes: int = 256 * 1024  # producer batch per partition
     linger_ms: int = 5

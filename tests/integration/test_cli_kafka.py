@@ -34,7 +34,8 @@ def kafka_pids(home: Path) -> list[int]:
     return pids
 
 
-def test_start_status_stop(tmp_path: Path) -> None:
+def test_start_status_stop(tmp_path: Path, kafka_broker: object) -> None:
+    # ``kafka_broker``: the session broker's start has fetched the jars this test links to.
     home = tmp_path / "home"
     home.mkdir()
     # Share the session's jar cache: this test is about the process, not about fetching jars.

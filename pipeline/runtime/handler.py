@@ -106,11 +106,7 @@ class RecordHandler:
             except CodecError as exc:
                 self._dead(msg, exc, 0, table, mark)
                 continue
-            record = Record(
-                msg.key, value, seq=seq, id=eid, headers=msg.headers, timestamp=msg.timestamp,
-                topic=msg.topic, partition=msg.partition, offset=msg.offset,
-            )  # fmt: skip
-            record._table = table
+            record = _context(msg, value, seq, eid, table)
             try:
                 result = invoke(value, record)
                 if type(result) is GeneratorType:  # a returned generator: run it here
@@ -143,12 +139,7 @@ class RecordHandler:
                     result = list(result)
             except Exception as exc:
                 seq, _part, eid, _replay = _ids(msg.headers)
-                record = Record(
-                    msg.key, value, seq=seq, id=eid, headers=msg.headers,
-                    timestamp=msg.timestamp, topic=msg.topic, partition=msg.partition,
-                    offset=msg.offset,
-                )  # fmt: skip
-                record._table = table
+                record = _context(msg, value, seq, eid, table)
                 result = await self._retry_or_dead_letter(msg, record, exc, False)
                 if result is _DEAD:
                     continue
@@ -176,11 +167,7 @@ class RecordHandler:
         except CodecError as exc:
             self._dead(msg, exc, 0, table, mark)
             return
-        record = Record(
-            msg.key, value, seq=seq, id=eid, headers=msg.headers, timestamp=msg.timestamp,
-            topic=msg.topic, partition=msg.partition, offset=msg.offset,
-        )  # fmt: skip
-        record._table = table
+        record = _context(msg, value, seq, eid, table)
         try:
             result = await self._invoke(value, record)
             if type(result) is GeneratorType:
@@ -409,6 +396,18 @@ class RecordHandler:
 
 def _with_part(headers: Any, part: int) -> list[tuple[str, bytes]]:
     return [*(h for h in headers if h[0] != PART_HEADER), (PART_HEADER, str(part).encode())]
+
+
+def _context(
+    msg: Any, value: Any, seq: int | None, eid: bytes | None, table: PartitionTable
+) -> Record:
+    """The :class:`Record` a stage function (or a retry) sees for ``msg``."""
+    record = Record(
+        msg.key, value, seq=seq, id=eid, headers=msg.headers, timestamp=msg.timestamp,
+        topic=msg.topic, partition=msg.partition, offset=msg.offset,
+    )  # fmt: skip
+    record._table = table
+    return record
 
 
 def _ids(headers: Any) -> tuple[int | None, int, bytes | None, bytes | None]:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.compat import check_compatible
 from pipeline.errors import DefinitionError, SchemaError
-from pipeline.schema import SchemaStore, check_compatible
+from pipeline.schema import SchemaStore
 from pipeline.stage import Stage
 
 

@@ -20,7 +20,7 @@ from examples.orders.pipeline import (
 from examples.orders.report import Check, Outcome, StageResult, checks, passed
 from examples.orders.workload import Expected, Faults, Workload
 from pipeline import Codec, Pipeline, SchemaStore
-from pipeline.schema import check_compatible
+from pipeline.compat import check_compatible
 from pipeline.testing import TestDriver
 from stages import MemoryTable, Table, TableUnavailable
 

@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipeline.schema as schema_module
+from pipeline.compat import check_compatible
 from pipeline.errors import DecodeError, EncodeError, SchemaCompatibilityError, SchemaError
-from pipeline.schema import MAGIC, Schema, SchemaStore, check_compatible
+from pipeline.schema import MAGIC, Schema, SchemaStore
 
 FIXTURES = Path(__file__).parent / "schemas_fixture"
 

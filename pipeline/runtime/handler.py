@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.dsl import StageNode
 from pipeline.errors import CodecError, StageError
-from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, Emit, Record, decode_seq
+from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, Record, decode_seq
 from pipeline.runtime.deadletter import (
     REPLAYED,
     ClassLog,
@@ -27,6 +27,7 @@ from pipeline.runtime.deadletter import (
     dead_letter_headers,
     error_class,
 )
+from pipeline.runtime.output import Output
 from pipeline.runtime.parking import (
     Park,
     ReplayMark,
@@ -42,7 +43,6 @@ from pipeline.stage import DedupMode
 
 log = logging.getLogger(__name__)
 
-PART_SHIFT = 16  # each flat-map level may emit up to 65,536 values per input
 _DEAD = object()  # the stage function failed for good; the record is dead-lettered
 _GAP_LOG_EVERY = 1000
 
@@ -83,9 +83,7 @@ class RecordHandler:
             self._by_seq or self._by_id or self._parks or stage.wants_record or stage.is_async
         )
         self._fn = stage.fn
-        # Same partition counts in and out (the pipeline's co-partitioning contract): a
-        # record that keeps its key keeps its partition, with no hashing at all.
-        self.keep_partition = False
+        self.output = Output(transport, node.output_topic, self._encode, stats)
 
     # -- the two entry points: a whole batch of a sync stage, one record of an async one --
 
@@ -116,7 +114,7 @@ class RecordHandler:
                 if result is _DEAD:
                     continue
             try:
-                self._emit(msg, result, part)
+                self.output.emit(msg, result, part)
             except CodecError as exc:  # an output that breaks the output schema
                 self._dead(msg, exc, 1, table, mark)
                 continue
@@ -125,7 +123,7 @@ class RecordHandler:
     async def _plain_batch(self, msgs: list[Any], table: PartitionTable) -> None:
         """:meth:`handle_sync_batch` for the plain case, with the common result inlined."""
         decode, fn, encode, stats = self._decode, self._fn, self._encode, self.stats
-        out, append, keep = self._out, self.transport.append, self.keep_partition
+        out, append, keep = self._out, self.transport.append, self.output.keep_partition
         for msg in msgs:
             stats.consumed += 1
             try:
@@ -151,7 +149,7 @@ class RecordHandler:
                     stats.produced += 1
                     stats.processed += 1
                 else:
-                    self._emit(msg, result, _ids(msg.headers)[1])
+                    self.output.emit(msg, result, _ids(msg.headers)[1])
             except CodecError as exc:
                 self._dead(msg, exc, 1, table, False)
 
@@ -177,7 +175,7 @@ class RecordHandler:
             if result is _DEAD:
                 return
         try:
-            self._emit(msg, result, part)
+            self.output.emit(msg, result, part)
         except CodecError as exc:
             self._dead(msg, exc, 1, table, mark)
             return
@@ -329,73 +327,6 @@ class RecordHandler:
                 error_class(exc), exc, stats.dead_letters,
             )  # fmt: skip
         self._class_log.dead_lettered(stats.dead_by_error)
-
-    # -- output ------------------------------------------------------------------------------
-
-    def _emit(self, msg: Any, result: Any, part: int) -> None:
-        stats = self.stats
-        if result is None:
-            stats.filtered += 1
-            return
-        if self._out is None:  # a sink: the call was the work
-            stats.processed += 1
-            return
-        encode, t, out, src = self._encode, self.transport, self._out, msg.partition
-        assert encode is not None
-        # A CodecError (an output that breaks the schema) goes to the caller, which
-        # dead-letters the input; every output is encoded before any is written.
-        if type(result) is dict:  # the common case first: one value, same key
-            data = encode(result)
-            dest = src if self.keep_partition else t.partition_for(out, msg.key)
-            t.append(out, dest, msg.key, data, msg.headers, msg.timestamp, src)
-            stats.produced += 1
-        elif isinstance(result, list | tuple):
-            if not result:
-                stats.filtered += 1
-                return
-            outputs = [self._output(msg, item, part, i) for i, item in enumerate(result)]
-            for key, data, headers in outputs:
-                dest = t.partition_for(out, key)
-                t.append(out, dest, key, data, headers, msg.timestamp, src)
-            stats.produced += len(outputs)
-        else:
-            key, data, headers = self._output(msg, result, part, None)
-            t.append(out, t.partition_for(out, key), key, data, headers, msg.timestamp, src)
-            stats.produced += 1
-        stats.processed += 1
-
-    def _output(
-        self, msg: Any, item: Any, part: int, index: int | None
-    ) -> tuple[bytes | None, bytes, Any]:
-        """Key, encoded value and headers of one output; ``index`` numbers flat-map outputs."""
-        assert self._encode is not None
-        if not isinstance(item, Emit):
-            if index is None:
-                return msg.key, self._encode(item), msg.headers
-            return (
-                msg.key,
-                self._encode(item),
-                _with_part(msg.headers, (part << PART_SHIFT) | index),
-            )
-        data = self._encode(item.value)
-        if item.key is None or item.key == msg.key:
-            headers = (
-                msg.headers
-                if index is None
-                else _with_part(msg.headers, (part << PART_SHIFT) | index)
-            )
-            return msg.key, data, [*headers, *item.headers]
-        # Re-keyed: the input's sequence belongs to another key; give the output an event id
-        # of its own (derived, so a replay derives the same one) and no sequence.
-        kept = [h for h in msg.headers if h[0] not in (SEQ_HEADER, PART_HEADER, ID_HEADER)]
-        eid = next((v for k, v in msg.headers if k == ID_HEADER), b"") + b"/" + item.key
-        if index is not None:  # several outputs to one new key stay distinct
-            eid += b"#" + str(index).encode()
-        return item.key, data, [*kept, (ID_HEADER, eid), *item.headers]
-
-
-def _with_part(headers: Any, part: int) -> list[tuple[str, bytes]]:
-    return [*(h for h in headers if h[0] != PART_HEADER), (PART_HEADER, str(part).encode())]
 
 
 def _context(

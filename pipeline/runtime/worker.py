@@ -44,6 +44,7 @@ class StageWorker:
         exactly_once: Whether the transport commits transactions; the concurrent path then
             commits a batch only once all of it is handled.
         sleep: Waits between retries (a virtual clock in tests).
+        stats: Counters to add to (a fresh set by default).
     """
 
     def __init__(
@@ -56,12 +57,13 @@ class StageWorker:
         stores: StoreFactory | None = None,
         exactly_once: bool = False,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        stats: StageStats | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
         self.batching = batching
         self.exactly_once = exactly_once
-        self.stats = StageStats(node.stage.name)
+        self.stats = stats or StageStats(node.stage.name)
         self.table = StateTable(node.state_topic, node.stage.dedup, stores)
         self.handler = RecordHandler(node, schemas, transport, self.stats, sleep)
         self._lock = asyncio.Lock()  # held while a batch is between fetch and commit
@@ -83,7 +85,7 @@ class StageWorker:
                 if topic:
                     counts[topic] = await t.prepare_topic(topic)
             out = self.node.output_topic
-            self.handler.keep_partition = (
+            self.handler.output.keep_partition = (
                 out is not None and counts[out] == counts[self.node.input_topic]
             )
             if self.node.stage.concurrency > 1:

@@ -163,9 +163,8 @@ class TestDriver:
         )  # fmt: skip
         worker = StageWorker(
             node, self.pipeline.schemas, transport, batching=_FAST, sleep=self.clock.sleep,
-            exactly_once=False,
+            stats=self.stats[node.name],
         )  # fmt: skip
-        worker.stats = worker.handler.stats = self.stats[node.name]
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         try:

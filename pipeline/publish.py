@@ -51,6 +51,58 @@ class SequenceClock:
         return seq
 
 
+class Events:
+    """Validates events and turns them into keyed, sequenced records (key, value, headers).
+
+    Shared by :class:`Publisher` and the in-memory test driver, so both stamp events alike.
+
+    Example:
+        >>> events = Events(store.codec("com.example.Order"), "order_id")  # doctest: +SKIP
+        >>> key, data, headers = events.record({"order_id": "o-1", "total": 9.5})  # doctest: +SKIP
+    """
+
+    __slots__ = ("clock", "codec", "key_field")
+
+    def __init__(self, codec: Codec, key_field: str, clock: SequenceClock | None = None) -> None:
+        self.codec = codec
+        self.key_field = key_field
+        self.clock = clock or SequenceClock()
+
+    def check(self, value: Any) -> bytes:
+        """Validate ``value`` and return its key bytes.
+
+        Raises:
+            EncodeError: The value breaks the schema or lacks the key field (says which).
+        """
+        if not isinstance(value, dict):
+            raise EncodeError(f"expected a JSON object / dict, got {type(value).__name__}")
+        reason = self.codec.validate(value)
+        if reason is not None:
+            raise EncodeError(reason)
+        key = value.get(self.key_field)
+        if key is None:
+            raise EncodeError(f"sequence key field '{self.key_field}' is missing or null")
+        return str(key).encode()
+
+    def record(
+        self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
+    ) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+        """Key, encoded value and ``seq`` / ``event-id`` headers of one event.
+
+        Raises:
+            EncodeError: The value breaks the schema or lacks the key field.
+        """
+        key = self.check(value)
+        data = self.codec.encode(value)
+        if seq is None:
+            seq = self.clock.next(key)
+        if event_id is None:
+            eid = uuid.uuid4().bytes
+        else:
+            eid = event_id.encode() if isinstance(event_id, str) else event_id
+        return key, data, [(SEQ_HEADER, encode_seq(seq)), (ID_HEADER, eid)]
+
+
 class Publisher:
     """Publishes validated, keyed, sequenced events to a topic.
 
@@ -82,7 +134,7 @@ class Publisher:
         self.batch_records = batch_records
         self.sent = 0
         self.rejected = 0
-        self._clock = SequenceClock()
+        self._events = Events(codec, key_field)
         self._bootstrap = bootstrap
         self._linger_ms = linger_ms
         self._partitions = 0
@@ -126,20 +178,8 @@ class Publisher:
                 await self._producer.stop()
 
     def check(self, value: Any) -> bytes:
-        """Validate ``value`` and return its key bytes.
-
-        Raises:
-            EncodeError: The value breaks the schema or lacks the key field (says which).
-        """
-        if not isinstance(value, dict):
-            raise EncodeError(f"expected a JSON object / dict, got {type(value).__name__}")
-        reason = self.codec.validate(value)
-        if reason is not None:
-            raise EncodeError(reason)
-        key = value.get(self.key_field)
-        if key is None:
-            raise EncodeError(f"sequence key field '{self.key_field}' is missing or null")
-        return str(key).encode()
+        """Validate ``value`` and return its key bytes (see :meth:`Events.check`)."""
+        return self._events.check(value)
 
     async def publish(
         self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
@@ -156,15 +196,7 @@ class Publisher:
         Raises:
             EncodeError: The value breaks the schema; nothing was buffered.
         """
-        key = self.check(value)
-        data = self.codec.encode(value)
-        if seq is None:
-            seq = self._clock.next(key)
-        if event_id is None:
-            eid = uuid.uuid4().bytes
-        else:
-            eid = event_id.encode() if isinstance(event_id, str) else event_id
-        headers = [(SEQ_HEADER, encode_seq(seq)), (ID_HEADER, eid)]
+        key, data, headers = self._events.record(value, seq=seq, event_id=event_id)
         writer = self._writer
         if writer is None:
             raise PipelineError("use the publisher inside 'async with Publisher(...)'")

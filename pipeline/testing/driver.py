@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.dsl import Pipeline, StageNode
-from pipeline.errors import ConfigError, EncodeError
-from pipeline.publish import SequenceClock
-from pipeline.record import ID_HEADER, SEQ_HEADER, encode_seq
+from pipeline.errors import ConfigError
+from pipeline.publish import Events, SequenceClock
 from pipeline.runtime import deadletter
 from pipeline.runtime.state import USER_PREFIX
 from pipeline.runtime.stats import StageStats
@@ -82,7 +80,6 @@ class TestDriver:
         self.clock = VirtualClock()
         self.stats: dict[str, StageStats] = {n.name: StageStats(n.name) for n in self.nodes}
         self._seq = SequenceClock()
-        self._codec = pipeline.schemas.codec(self.nodes[0].stage.input)
         parts = pipeline.topics.partitions
         topics = {pipeline.source}
         for node in self.nodes:
@@ -113,19 +110,9 @@ class TestDriver:
         """
         node = self._node(stage) if stage else self.nodes[0]
         codec = self.pipeline.schemas.codec(node.stage.input)
-        reason = codec.validate(value)
-        if reason is not None:
-            raise EncodeError(reason)
-        raw_key = value.get(self.pipeline.key)
-        if raw_key is None:
-            raise EncodeError(f"sequence key field '{self.pipeline.key}' is missing or null")
-        key = str(raw_key).encode()
-        eid = event_id.encode() if isinstance(event_id, str) else (event_id or uuid.uuid4().bytes)
-        headers = [
-            (SEQ_HEADER, encode_seq(self._seq.next(key) if seq is None else seq)),
-            (ID_HEADER, eid),
-        ]
-        return self.broker.produce(node.input_topic, key, codec.encode(value), headers)
+        events = Events(codec, self.pipeline.key, self._seq)
+        key, data, headers = events.record(value, seq=seq, event_id=event_id)
+        return self.broker.produce(node.input_topic, key, data, headers)
 
     def send_raw(
         self,

@@ -3,6 +3,7 @@
 The public API is re-exported here; everything else is internal.
 """
 
+from pipeline.codec import Codec
 from pipeline.config import Settings
 from pipeline.dsl import Delivery, Names, Pipeline, StageNode, TopicPolicy
 from pipeline.errors import (
@@ -21,7 +22,7 @@ from pipeline.errors import (
 )
 from pipeline.publish import Publisher, SyncPublisher
 from pipeline.record import Emit, Record
-from pipeline.schema import Codec, Schema, SchemaStore
+from pipeline.schema import Schema, SchemaStore
 from pipeline.stage import DeadLetterPolicy, DedupPolicy, RetryPolicy, Stage, stage
 
 __all__ = [

@@ -17,10 +17,10 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kerr
 
+from pipeline.codec import Codec
 from pipeline.errors import EncodeError, PipelineError
 from pipeline.record import ID_HEADER, SEQ_HEADER, encode_seq
 from pipeline.runtime.kafka import BatchWriter, partition_for, translate
-from pipeline.schema import Codec
 
 
 class SequenceClock:

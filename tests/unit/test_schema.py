@@ -14,7 +14,7 @@ from fastavro.schema import fingerprint as fastavro_fingerprint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pipeline.schema as schema_module
+import pipeline.codec as codec_module
 from pipeline.compat import check_compatible
 from pipeline.errors import DecodeError, EncodeError, SchemaCompatibilityError, SchemaError
 from pipeline.schema import MAGIC, Schema, SchemaStore
@@ -323,13 +323,13 @@ def test_resolution_is_skipped_only_when_writer_equals_reader(
     old = store_with(ORDER_V1).codec("com.example.Order").encode({"id": "a", "qty": 1})
     same = v2.encode({"id": "b", "qty": 2, "note": ""})
     readers: list[Any] = []
-    real = schema_module.schemaless_reader
+    real = codec_module.schemaless_reader
 
     def spy(stream: Any, writer: Any, reader: Any = None) -> Any:
         readers.append(reader)
         return real(stream, writer, reader)
 
-    monkeypatch.setattr(schema_module, "schemaless_reader", spy)
+    monkeypatch.setattr(codec_module, "schemaless_reader", spy)
     v2.decode(same)
     v2.decode(old)
     assert readers[0] is None

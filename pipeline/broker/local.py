@@ -45,8 +45,13 @@ def free_port() -> int:
 
 
 def check_port_free(port: int, role: str) -> None:
-    """Raise :class:`PortInUseError` when ``127.0.0.1:port`` is taken."""
+    """Raise :class:`PortInUseError` when ``127.0.0.1:port`` is taken.
+
+    The probe binds with ``SO_REUSEADDR``, as the broker's JVM does: a port whose only
+    sockets are in TIME_WAIT (a broker that just stopped) is free for a restart.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as exc:
@@ -299,6 +304,9 @@ class LocalBroker:
             "num.io.threads": "4",
             "log.cleaner.threads": "1",
             "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
+            # Check for compactable logs every second rather than every 15 s, so a test (or a
+            # user) sees a compacted changelog shrink soon after its segment rolls.
+            "log.cleaner.backoff.ms": "1000",
         }
         config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         return config
@@ -311,8 +319,7 @@ class LocalBroker:
             f"{jars}/*",
             "kafka.tools.StorageTool",
             "format",
-            "-t",
-            _cluster_id(),
+            f"--cluster-id={_cluster_id()}",
             "-c",
             str(config),
             "--ignore-formatted",
@@ -326,8 +333,15 @@ class LocalBroker:
 
 
 def _cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 chars)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 chars).
+
+    Like Kafka's own ``Uuid.randomUuid()``, an id that starts with ``-`` is drawn again: the
+    storage tool's argument parser would read it as an option (one id in 64 does).
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _alive(pid: int) -> bool:

@@ -1,16 +1,19 @@
-"""Benchmark ``dedup_memory``: what 1,000,000 dedup keys cost in the in-memory state table.
+"""Benchmark ``dedup_memory``: what 1,000,000 dedup keys cost in the state table.
 
-Four structures, each filled with 1,000,000 distinct entries in a fresh interpreter (spawned
+Six structures, each filled with 1,000,000 distinct entries in a fresh interpreter (spawned
 by the run; a process that already freed a big table would reuse its memory and under-report
 the next one's growth):
 
 - ``seq_table``: ``PartitionTable.check_sequence`` + ``remember_sequence`` for 10-byte keys
-  (``key0000042``), position ``position(1000 + i, 0)``; ``take_dirty()`` every 2,000 records,
-  as a commit would;
+  (``key0000042``) from one 16-byte writer, position ``position(1000 + i, 0)``;
+  ``take_dirty()`` every 2,000 records, as a commit would;
 - ``seq_floor``: a plain ``dict[bytes, int]``, key -> 1000 + i, with the same check;
 - ``id_table``: ``PartitionTable.seen_id`` + ``remember_id`` for 16-byte event ids, ``now_ms()``
   per record, ``max_ids`` above the count so that nothing is evicted;
 - ``id_floor``: a plain ``dict[bytes, int]``, id -> ms, with the same check;
+- ``id_rocks``: ``id_table`` with the table's RocksDB store (``--state-dir``): the ids and
+  their time index live in RocksDB; RSS is the process's (RocksDB's memtables and caches
+  included), and the store's size on disk is reported beside it;
 - ``id_sketch`` (not the framework; the change the README recommends): the event-id part of
   the table as a plain ``dict`` (id -> ms) plus a ``deque`` of ids in arrival order for
   expiry, instead of an ``OrderedDict``; same checks, same changelog entries.
@@ -29,8 +32,10 @@ import gc
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections import deque
@@ -41,7 +46,7 @@ from bench import common, report
 from pipeline.runtime.state import ID_PREFIX
 
 NAME = "dedup_memory"
-VARIANTS = ("seq_floor", "seq_table", "id_floor", "id_table", "id_sketch")
+VARIANTS = ("seq_floor", "seq_table", "id_floor", "id_table", "id_rocks", "id_sketch")
 KEY_BYTES, ID_BYTES = 10, 16
 
 
@@ -71,6 +76,7 @@ def run(config: Config) -> dict[str, Any]:
             for a, b in (
                 ("seq_table", "seq_floor"),
                 ("id_table", "id_floor"),
+                ("id_rocks", "id_table"),
                 ("id_sketch", "id_floor"),
                 ("id_sketch", "id_table"),
             )
@@ -117,11 +123,11 @@ def _table(doc: dict[str, Any]) -> str:
     c = doc["conditions"]
     head = (
         f"{'structure':<12}{'entries':>10}{'RSS MB':>9}{'RSS B/key':>11}{'traced B/key':>14}"
-        f"{'us/record':>11}{'net us':>8}{'vs floor (RSS)':>16}"
+        f"{'us/record':>11}{'net us':>8}{'vs floor (RSS)':>16}{'disk B/key':>12}"
     )
     lines = [
         f"{NAME}: {c['keys']:,} distinct keys ({c['key_bytes']} B) / event ids "
-        f"({c['id_bytes']} B), memory store, {c['cores']} cores, load at start "
+        f"({c['id_bytes']} B), memory store (id_rocks: RocksDB), {c['cores']} cores, load at start "
         f"{c['load_average_1_5_15min_at_start']}",
         head,
         "-" * len(head),
@@ -133,7 +139,7 @@ def _table(doc: dict[str, Any]) -> str:
             f"{name:<12}{m['entries']:>10,}{m['rss_growth_bytes'] / 2**20:>9.1f}"
             f"{m['rss_bytes_per_key']:>11.1f}{m['traced_bytes_per_key']:>14.1f}"
             f"{m['us_per_record']:>11.3f}{m['us_per_record_net']:>8.3f}"
-            f"{'' if vs is None else f'{vs:.2f}':>16}"
+            f"{'' if vs is None else f'{vs:.2f}':>16}{m.get('disk_bytes_per_key') or '':>12}"
         )
     return "\n".join(lines)
 
@@ -160,6 +166,7 @@ def _blob(variant: str, n: int) -> tuple[bytes, int]:
 def _fill(variant: str, blob: bytes, w: int, n: int, batch: int) -> tuple[Any, int]:
     """Fill one structure; return it and how many entries it holds."""
     from pipeline.runtime.state import DUPLICATE, PartitionTable, now_ms, position
+    from pipeline.stage import DedupPolicy
 
     if variant == "seq_floor":
         d: dict[bytes, int] = {}
@@ -180,15 +187,25 @@ def _fill(variant: str, blob: bytes, w: int, n: int, batch: int) -> tuple[Any, i
                 if seen is None or now - seen >= ttl:
                     ids[eid] = now
         return ids, len(ids)
-    table: Any = PartitionTable(0, {}, ttl_ms=7 * 24 * 3600 * 1000, max_ids=2 * n)
+    policy = DedupPolicy(max_ids=2 * n)
+    table: Any = PartitionTable(0, {}, policy)
+    if variant == "id_rocks":
+        from rocksdict import Rdict
+
+        path = Path(tempfile.mkdtemp(prefix="bench-ids-"))
+        store: Any = Rdict(str(path / "ids"))
+        table = PartitionTable(0, store, policy, persistent=True)
+        table.bench_path = path
     if variant == "id_sketch":
         table = IdSketch(ttl_ms=7 * 24 * 3600 * 1000, max_ids=2 * n)
     if variant == "seq_table":
+        writer = b"0123456789abcdef"
         for start in range(0, n, batch):
+            now = now_ms()
             for i in range(start, min(n, start + batch)):
                 key, pos = blob[i * w : i * w + w], position(1000 + i, 0)
-                if table.check_sequence(key, pos) != DUPLICATE:
-                    table.remember_sequence(key, pos)
+                if table.check_sequence(key, writer, pos) != DUPLICATE:
+                    table.remember_sequence(key, writer, pos, now)
             table.take_dirty()
         return table, len(table.store)
     for start in range(0, n, batch):
@@ -198,6 +215,17 @@ def _fill(variant: str, blob: bytes, w: int, n: int, batch: int) -> tuple[Any, i
                 table.remember_id(eid, now)
         table.take_dirty()
     return table, len(table.ids)
+
+
+def _close(structure: Any) -> int:
+    """Close a RocksDB-backed table; return its bytes on disk (0 for memory structures)."""
+    path = getattr(structure, "bench_path", None)
+    if path is None:
+        return 0
+    structure.store.close()
+    size: int = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    shutil.rmtree(path, ignore_errors=True)
+    return size
 
 
 class IdSketch:
@@ -266,6 +294,7 @@ def measure(variant: str, n: int, batch: int) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     gc.collect()
     rss = _rss() - rss0
+    disk = _close(structure)
     del structure
     gc.collect()
     tracemalloc.start()
@@ -273,6 +302,7 @@ def measure(variant: str, n: int, batch: int) -> dict[str, Any]:
     structure, _ = _fill(variant, blob, w, n, batch)
     traced = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
+    _close(structure)
     del structure
     gc.collect()
     loop = _loop_only(variant, blob, w, n)
@@ -282,6 +312,8 @@ def measure(variant: str, n: int, batch: int) -> dict[str, Any]:
         "entries": entries,
         "rss_growth_bytes": rss,
         "rss_bytes_per_key": round(rss / n, 1),
+        "disk_bytes": disk,
+        "disk_bytes_per_key": round(disk / n, 1),
         "traced_bytes": traced,
         "traced_bytes_per_key": round(traced / n, 1),
         "seconds": round(seconds, 3),

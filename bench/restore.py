@@ -2,8 +2,9 @@
 
 A changelog topic in the ``P.S.state`` layout (compacted, co-partitioned, 3 partitions) is
 filled once with the dedup-by-sequence entries of 1,000,000 distinct keys, encoded as
-:mod:`pipeline.runtime.state` writes them: ``SEQ_PREFIX + key -> encode_position(position(seq,
-0))``, each on the partition of its key (murmur2). Then, in rotated order:
+:mod:`pipeline.runtime.state` writes them: ``SEQ_PREFIX + key ->
+writers.encode((writer, position(seq, 0), seen_ms))`` (one writer per key), each on the
+partition of its key (murmur2). Then, in rotated order:
 
 - ``raw_read``: the baseline, the client's ceiling: per partition, a fresh aiokafka consumer
   with the framework's restore settings reads the partition to its end and applies nothing;

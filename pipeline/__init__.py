@@ -14,6 +14,8 @@ from pipeline.errors import (
     DecodeError,
     DefinitionError,
     EncodeError,
+    FencedError,
+    OffsetOutOfRangeError,
     PipelineError,
     SchemaCompatibilityError,
     SchemaError,
@@ -22,10 +24,19 @@ from pipeline.errors import (
 )
 from pipeline.publish import Publisher, SyncPublisher
 from pipeline.record import Emit, Record
+from pipeline.runtime.offsets import OffsetReset
 from pipeline.schema import Schema, SchemaStore
-from pipeline.stage import DeadLetterPolicy, DedupPolicy, RetryPolicy, Stage, stage
+from pipeline.stage import (
+    BreakerPolicy,
+    DeadLetterPolicy,
+    DedupPolicy,
+    RetryPolicy,
+    Stage,
+    stage,
+)
 
 __all__ = [
+    "BreakerPolicy",
     "BrokerError",
     "BrokerUnavailableError",
     "Codec",
@@ -38,7 +49,10 @@ __all__ = [
     "Delivery",
     "Emit",
     "EncodeError",
+    "FencedError",
     "Names",
+    "OffsetOutOfRangeError",
+    "OffsetReset",
     "Pipeline",
     "PipelineError",
     "Publisher",

@@ -82,9 +82,17 @@ def run(
     session_timeout_ms: Annotated[
         int, typer.Option(help="Group session timeout: how soon a silent instance is replaced.")
     ] = 10_000,
+    offset_reset: Annotated[
+        str,
+        typer.Option(
+            help="When a position is gone from the log (retention, deleted records): 'fail' "
+            "stops with an error (default); 'earliest' or 'latest' skip on, counted and logged."
+        ),
+    ] = "fail",
     log_level: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
     """Run one stage (N copies = N competing consumers), or --all stages for development."""
+    from pipeline.runtime.offsets import OffsetReset
     from pipeline.runtime.runner import RunOptions, run_stages
     from pipeline.runtime.transport import Batching
 
@@ -102,6 +110,7 @@ def run(
         stats_file=stats_file,
         state_dir=state_dir,
         session_timeout_ms=session_timeout_ms,
+        offset_reset=OffsetReset.parse(offset_reset),
     )
     address = bootstrap_address(bootstrap)
     # Stage resources that open their own clients (e.g. an enrich table) find the broker here.

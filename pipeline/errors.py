@@ -17,7 +17,8 @@ Tree::
     ├── BrokerError                 talking to Kafka failed
     │   ├── BrokerUnavailableError  no broker answers at the bootstrap address
     │   ├── TopicError              a topic is missing or has the wrong shape
-    │   └── FencedError             another instance took over (this one is a zombie)
+    │   ├── FencedError             another instance took over (this one is a zombie)
+    │   └── OffsetOutOfRangeError   a stage's position is gone from the log (retention)
     ├── LocalBrokerError            the project's local Kafka broker cannot run
     │   ├── JavaNotFoundError
     │   ├── JarsUnavailableError
@@ -105,6 +106,46 @@ class TopicError(BrokerError):
 
 class FencedError(BrokerError):
     """Another instance owns the partition now: this one was fenced (a zombie)."""
+
+
+class OffsetOutOfRangeError(BrokerError):
+    """A stage's position in a partition is below the log start or past its end.
+
+    Records were deleted (retention, ``delete-records``) before the stage read them, or the
+    topic was recreated. The numbers are attributes, so a policy can act on them.
+
+    Attributes:
+        topic, partition: Where (the first partition, when several are out of range).
+        position: The offset the stage was at (its committed offset after a restart).
+        start, end: The partition's log start and end offsets now.
+        gaps: One error per partition out of range (``[self]`` for one partition).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str,
+        partition: int,
+        position: int,
+        start: int,
+        end: int,
+        gaps: list[OffsetOutOfRangeError] | None = None,
+    ) -> None:
+        super().__init__(message, topic=topic, partition=partition)
+        self.topic = topic
+        self.partition = partition
+        self.position = position
+        self.start = start
+        self.end = end
+        self.gaps = gaps or [self]
+
+    @property
+    def lost(self) -> int:
+        """Records deleted before the stage read them (0 when the position is past the end)."""
+        if len(self.gaps) > 1:
+            return sum(g.lost for g in self.gaps)
+        return max(0, self.start - self.position)
 
 
 class LocalBrokerError(PipelineError):

@@ -1,26 +1,41 @@
 """The client applications use to feed a pipeline's input topic.
 
 Each value is validated against the input schema, keyed by its sequence-key field, stamped with
-a per-key sequence number and an event id, and sent through an idempotent producer in batches.
+a per-key sequence number, the publisher's writer identity and an event id, and sent through an
+idempotent producer in batches.
+
+Sequence numbers are counted per writer: two replicas of an application publishing the same
+keys each have their own identity (random by default), and the pipeline's dedup tables keep
+the last sequence per (key, writer), so neither makes the other's records look old.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kerr
 
 from pipeline.codec import Codec
-from pipeline.errors import EncodeError, PipelineError
-from pipeline.record import ID_HEADER, SEQ_HEADER, encode_seq
+from pipeline.errors import ConfigError, EncodeError, PipelineError
+from pipeline.record import ID_HEADER, SEQ_HEADER, WRITER_HEADER, decode_seq, encode_seq
 from pipeline.runtime.kafka import BatchWriter, partition_for, translate
+
+
+class Stamp(NamedTuple):
+    """What a publisher stamped on an event: publish it again with the same ``seq`` and
+    ``event_id`` (through the same publisher) and the pipeline drops it as a duplicate."""
+
+    key: bytes
+    seq: int
+    event_id: bytes
 
 
 class SequenceClock:
@@ -51,22 +66,56 @@ class SequenceClock:
         return seq
 
 
+def writer_identity(writer: str | bytes | None = None) -> bytes:
+    """A writer identity: ``writer`` checked, or a new random one (16 hex characters).
+
+    Give a stable identity (``"web-1"``) to a publisher whose restarts must keep
+    deduplicating its retransmissions; its sequence clock starts above the last run's.
+
+    Raises:
+        ConfigError: An empty identity or one longer than 64 bytes.
+
+    Example:
+        >>> writer_identity("web-1"), len(writer_identity())
+        (b'web-1', 16)
+    """
+    if writer is None:
+        return secrets.token_hex(8).encode()
+    raw = writer.encode() if isinstance(writer, str) else bytes(writer)
+    if not 0 < len(raw) <= 64:
+        raise ConfigError(f"a writer identity must have 1 to 64 bytes, not {len(raw)}")
+    return raw
+
+
 class Events:
     """Validates events and turns them into keyed, sequenced records (key, value, headers).
 
     Shared by :class:`Publisher` and the in-memory test driver, so both stamp events alike.
+
+    Args:
+        codec: The input schema's codec.
+        key_field: The sequence-key field.
+        clock: Per-key sequence numbers (a new clock by default).
+        writer: This writer's identity (see :func:`writer_identity`; random by default).
 
     Example:
         >>> events = Events(store.codec("com.example.Order"), "order_id")  # doctest: +SKIP
         >>> key, data, headers = events.record({"order_id": "o-1", "total": 9.5})  # doctest: +SKIP
     """
 
-    __slots__ = ("clock", "codec", "key_field")
+    __slots__ = ("clock", "codec", "key_field", "writer")
 
-    def __init__(self, codec: Codec, key_field: str, clock: SequenceClock | None = None) -> None:
+    def __init__(
+        self,
+        codec: Codec,
+        key_field: str,
+        clock: SequenceClock | None = None,
+        writer: str | bytes | None = None,
+    ) -> None:
         self.codec = codec
         self.key_field = key_field
         self.clock = clock or SequenceClock()
+        self.writer = writer_identity(writer)
 
     def check(self, value: Any) -> bytes:
         """Validate ``value`` and return its key bytes.
@@ -87,7 +136,7 @@ class Events:
     def record(
         self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
     ) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-        """Key, encoded value and ``seq`` / ``event-id`` headers of one event.
+        """Key, encoded value and ``seq`` / ``writer`` / ``event-id`` headers of one event.
 
         Raises:
             EncodeError: The value breaks the schema or lacks the key field.
@@ -100,7 +149,15 @@ class Events:
             eid = uuid.uuid4().bytes
         else:
             eid = event_id.encode() if isinstance(event_id, str) else event_id
-        return key, data, [(SEQ_HEADER, encode_seq(seq)), (ID_HEADER, eid)]
+        return (
+            key,
+            data,
+            [
+                (SEQ_HEADER, encode_seq(seq)),
+                (WRITER_HEADER, self.writer),
+                (ID_HEADER, eid),
+            ],
+        )
 
 
 class Publisher:
@@ -112,6 +169,7 @@ class Publisher:
         codec: The input schema's codec (``store.codec("com.example.Order")``).
         key_field: The value field that is the sequence key.
         batch_records: Records buffered before an automatic flush.
+        writer: This publisher's identity (random by default; see :func:`writer_identity`).
 
     Example:
         >>> async with Publisher(bootstrap, "orders", codec, "order_id") as pub:  # doctest: +SKIP
@@ -127,6 +185,7 @@ class Publisher:
         *,
         batch_records: int = 5000,
         linger_ms: int = 5,
+        writer: str | bytes | None = None,
     ) -> None:
         self.topic = topic
         self.codec = codec
@@ -134,7 +193,8 @@ class Publisher:
         self.batch_records = batch_records
         self.sent = 0
         self.rejected = 0
-        self._events = Events(codec, key_field)
+        self._events = Events(codec, key_field, writer=writer)
+        self.writer = self._events.writer
         self._bootstrap = bootstrap
         self._linger_ms = linger_ms
         self._partitions = 0
@@ -183,18 +243,23 @@ class Publisher:
 
     async def publish(
         self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
-    ) -> None:
-        """Buffer one event (flushing when the buffer is full).
+    ) -> Stamp:
+        """Buffer one event (flushing when the buffer is full); return what it was stamped with.
 
         Args:
             value: The event; must match the input schema.
             seq: Its per-key sequence number; the publisher's clock assigns one when omitted.
-                Publishing the same event again with the same ``seq`` (or ``event_id``) is a
-                retransmission that the pipeline's dedup table drops.
+                Publishing the same event again with the same ``seq`` through this publisher
+                (the same writer), or with the same ``event_id``, is a retransmission that the
+                pipeline's dedup table drops.
             event_id: Its unique id; a random one when omitted.
 
         Raises:
             EncodeError: The value breaks the schema; nothing was buffered.
+
+        Example:
+            >>> stamp = await pub.publish(order)                       # doctest: +SKIP
+            >>> await pub.publish(order, seq=stamp.seq, event_id=stamp.event_id)  # doctest: +SKIP
         """
         key, data, headers = self._events.record(value, seq=seq, event_id=event_id)
         writer = self._writer
@@ -204,6 +269,7 @@ class Publisher:
         writer.append(self.topic, part, key, data, headers, None)
         if writer.buffered >= self.batch_records:
             await self.flush()
+        return Stamp(key, decode_seq(headers[0][1]), headers[2][1])
 
     async def publish_many(self, values: Iterable[Any]) -> None:
         """Publish several events (see :meth:`publish`)."""
@@ -232,6 +298,10 @@ class SyncPublisher:
     def sent(self) -> int:
         return self._publisher.sent
 
+    @property
+    def writer(self) -> bytes:
+        return self._publisher.writer
+
     def __enter__(self) -> SyncPublisher:
         self._runner.run(self._publisher.__aenter__())
         return self
@@ -246,8 +316,8 @@ class SyncPublisher:
 
     def publish(
         self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
-    ) -> None:
-        self._runner.run(self._publisher.publish(value, seq=seq, event_id=event_id))
+    ) -> Stamp:
+        return self._runner.run(self._publisher.publish(value, seq=seq, event_id=event_id))
 
     def flush(self) -> None:
         self._runner.run(self._publisher.flush())

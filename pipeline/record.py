@@ -1,9 +1,11 @@
 """Record: what a stage sees of one Kafka record, and what it may emit.
 
 A record's Kafka key is its *sequence key* (e.g. an order id); partitions keep per-key order.
-Two framework headers travel with it from publisher to sink:
+Three framework headers travel with it from publisher to sink:
 
-- ``seq``: a per-key sequence number (8 bytes, big-endian, signed);
+- ``seq``: a per-key sequence number (8 bytes, big-endian, signed), counted per writer;
+- ``writer``: who issued the sequence number (each :class:`~pipeline.Publisher` has its own
+  identity, so many publishers can write the same keys; dedup keeps a position per writer);
 - ``event-id``: a unique event id (bytes; the publisher sets 16 random bytes).
 
 A stage that emits several values for one input marks them with ``seq-part`` (0, 1, ...), so
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 SEQ_HEADER = "seq"
+WRITER_HEADER = "writer"
 ID_HEADER = "event-id"
 PART_HEADER = "seq-part"
 
@@ -40,6 +43,7 @@ class Record:
         value: The decoded value (a dict for Avro records).
         seq: The per-key sequence number, or ``None`` when the record carries none.
         id: The event id, or ``None``.
+        resource: What the stage's ``setup`` yielded (a client, a pool), or ``None``.
         headers: All Kafka headers, as received.
         timestamp: Kafka timestamp (ms since the epoch).
         topic, partition, offset: Where the record came from.
@@ -57,6 +61,7 @@ class Record:
         "key",
         "offset",
         "partition",
+        "resource",
         "seq",
         "timestamp",
         "topic",
@@ -86,6 +91,7 @@ class Record:
         self.partition = partition
         self.offset = offset
         self._table: Any = None  # the stage's state table partition, set by the worker
+        self.resource: Any = None  # what the stage's setup yielded, set by the worker
 
     @property
     def state(self) -> KeyState:

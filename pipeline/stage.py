@@ -16,6 +16,7 @@ import inspect
 import random
 import re
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,19 +81,41 @@ class DedupMode(enum.Enum):
 class DedupPolicy:
     """Deduplication of a stage's input through its keyed state table.
 
+    By sequence, a record is a duplicate when *its writer* (the ``writer`` header a
+    :class:`~pipeline.Publisher` stamps) already delivered that sequence for that key: many
+    publishers may write the same keys at once. The table keeps the last position per (key,
+    writer), at most ``max_writers`` writers per key: when a new writer arrives, writers idle for
+    ``writer_ttl`` are forgotten first, then the least recently seen. A forgotten writer's
+    retransmission of an old record is processed again (counted in ``writers_evicted`` when the
+    bound, not the TTL, forgot it).
+
+    By event id, an id seen within ``ttl`` is a duplicate; at most ``max_ids`` ids are kept per
+    partition (the oldest go first, counted in ``ids_evicted``). Forgotten ids leave the
+    compacted changelog too (tombstones).
+
     Example:
         >>> DedupPolicy.by_event_id(ttl=3600).mode
         <DedupMode.EVENT_ID: 'event_id'>
+        >>> DedupPolicy.by_sequence(max_writers=8).max_writers
+        8
     """
 
     mode: DedupMode = DedupMode.AUTO
     ttl: float = 7 * 24 * 3600.0  # seconds an event id is remembered (event-id mode)
     max_ids: int = 1_000_000  # bound on remembered event ids per partition (event-id mode)
+    writer_ttl: float = 7 * 24 * 3600.0  # seconds an idle writer is remembered (sequence mode)
+    max_writers: int = 32  # bound on writers remembered per key (sequence mode)
+
+    def __post_init__(self) -> None:
+        if self.ttl <= 0 or self.writer_ttl <= 0:
+            raise DefinitionError("DedupPolicy: ttl and writer_ttl must be positive (seconds)")
+        if self.max_ids < 1 or self.max_writers < 1:
+            raise DefinitionError("DedupPolicy: max_ids and max_writers must be at least 1")
 
     @classmethod
-    def by_sequence(cls) -> DedupPolicy:
-        """``seq <= last seq of the key`` is a duplicate; a gap is counted and processed."""
-        return cls(DedupMode.SEQUENCE)
+    def by_sequence(cls, writer_ttl: float = 7 * 24 * 3600.0, max_writers: int = 32) -> DedupPolicy:
+        """``seq <= last seq of the key's writer`` is a duplicate; a gap is counted, processed."""
+        return cls(DedupMode.SEQUENCE, writer_ttl=writer_ttl, max_writers=max_writers)
 
     @classmethod
     def by_event_id(cls, ttl: float = 7 * 24 * 3600.0, max_ids: int = 1_000_000) -> DedupPolicy:
@@ -149,6 +172,60 @@ class DeadLetterPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """When a failing dependency pauses the stage instead of filling its dead-letter topic.
+
+    A record whose call still fails after its retries with a *retriable* error is not
+    dead-lettered at once: it is *held* (later records of its key wait behind it; other keys go
+    on), until the evidence says what it is:
+
+    - another call succeeds: the dependency works, so the held records are poison and go to the
+      dead-letter topic as before (their keys' waiting records follow);
+    - records of ``keys`` different keys fail in a row with the same error class and no call
+      succeeds in between: the dependency is down. The breaker *opens*: the worker pauses its
+      partitions (it stays in its group, commits nothing past a held record, reports not ready)
+      and tries a held record again every ``probe_interval`` seconds, doubling up to
+      ``max_probe_interval``; when a call succeeds it resumes, and every held record is handled
+      again, nothing dead-lettered;
+    - ``verdict_timeout`` seconds pass with neither: the held records are dead-lettered (a
+      poison record at the end of a burst does not wait forever).
+
+    Non-retriable errors (``StageError(retriable=False)``, undecodable records, outputs that
+    break the schema) never wait: they go to the dead-letter topic at once. A burst of ``keys``
+    different poison records in a row failing with the same retriable error looks like an
+    outage: raise a non-retriable error for input you know is bad.
+
+    Example:
+        >>> BreakerPolicy().keys, BreakerPolicy.off().enabled
+        (3, False)
+    """
+
+    keys: int = 3
+    verdict_timeout: float = 60.0
+    probe_interval: float = 1.0
+    max_probe_interval: float = 30.0
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.keys < 1:
+            raise DefinitionError("BreakerPolicy.keys must be at least 1")
+        if min(self.verdict_timeout, self.probe_interval, self.max_probe_interval) <= 0:
+            raise DefinitionError("BreakerPolicy times must be positive (seconds)")
+
+    @classmethod
+    def off(cls) -> BreakerPolicy:
+        """Dead-letter every record whose retries run out, whatever the others do."""
+        return cls(enabled=False)
+
+    def probe_wait(self, probe: int) -> float:
+        """Seconds before probe number ``probe`` (1-based) while the breaker is open."""
+        return float(min(self.max_probe_interval, self.probe_interval * 2 ** min(probe - 1, 30)))
+
+
+Setup = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class Stage:
     """A named, reusable filter with declared Avro input and output schemas.
 
@@ -171,6 +248,8 @@ class Stage:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     dedup: DedupPolicy = field(default_factory=DedupPolicy)
     on_dead_letter: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    setup: Setup | None = None
     is_async: bool = False
     wants_record: bool = False
 
@@ -182,6 +261,11 @@ class Stage:
             )
         if self.concurrency < 1:
             raise DefinitionError(f"stage '{self.name}': concurrency must be at least 1")
+        if self.setup is not None and not callable(self.setup):
+            raise DefinitionError(
+                f"stage '{self.name}': setup must be a function that returns an async context "
+                f"manager (e.g. one decorated with @contextlib.asynccontextmanager)"
+            )
         if self.concurrency > 1 and not self.is_async:
             raise DefinitionError(
                 f"stage '{self.name}': concurrency={self.concurrency} needs an async function "
@@ -224,6 +308,8 @@ def stage(
     retry: RetryPolicy | None = None,
     dedup: DedupPolicy | None = None,
     on_dead_letter: DeadLetterPolicy | None = None,
+    breaker: BreakerPolicy | None = None,
+    setup: Setup | None = None,
 ) -> Callable[[StageFn], Stage]:
     """Turn a function into a :class:`Stage`.
 
@@ -237,6 +323,24 @@ def stage(
         dedup: How duplicates are recognised.
         on_dead_letter: What happens to a key's later records once one of its records is
             dead-lettered: processed as usual (default) or parked until a replay.
+        breaker: When failures of many keys in a row pause the stage instead of
+            dead-lettering (see :class:`BreakerPolicy`).
+        setup: Opens what the stage needs once per worker, e.g. a client: a function returning
+            an async context manager. The worker enters it before it joins the group (retrying
+            with backoff while it fails, consuming nothing), exits it when it stops, and hands
+            what it yields to the stage as ``record.resource``.
+
+    Example:
+        >>> import contextlib
+        >>> @contextlib.asynccontextmanager
+        ... async def client():
+        ...     yield {"connected": True}          # e.g. an HTTP client, a database pool
+        >>> @stage(input="demo.Order", output="demo.Order", setup=client)
+        ... async def call(order, record):
+        ...     assert record.resource["connected"]
+        ...     return order
+        >>> call.setup is client
+        True
     """
 
     def wrap(fn: StageFn) -> Stage:
@@ -249,6 +353,8 @@ def stage(
             retry=retry or RetryPolicy(),
             dedup=dedup or DedupPolicy(),
             on_dead_letter=on_dead_letter or DeadLetterPolicy(),
+            breaker=breaker or BreakerPolicy(),
+            setup=setup,
             is_async=inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn),
             wants_record=_positional_arity(fn) >= 2,
         )

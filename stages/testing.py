@@ -113,9 +113,11 @@ Handler = Callable[[StubRequest], "StubReply | Awaitable[StubReply]"]
 
 
 class HttpStub:
-    """An HTTP/1.1 server on 127.0.0.1 (a free port) that answers with ``handler(request)``.
+    """An HTTP/1.1 server on 127.0.0.1 that answers with ``handler(request)``.
 
     Args:
+        port: Where to listen (default: a free port); give the port of a stopped stub to
+            bring a "dependency" back at the same address.
         handler: Returns (or awaits to) the :class:`StubReply` for each request. Default:
             ``200`` with an empty JSON object. A handler that raises, or returns something
             else, makes the stub answer ``500`` with the error in the body.
@@ -136,11 +138,11 @@ class HttpStub:
         (['/a', '/b'], 1)
     """
 
-    def __init__(self, handler: Handler | None = None) -> None:
+    def __init__(self, handler: Handler | None = None, *, port: int = 0) -> None:
         self.handler: Handler = handler or (lambda _req: StubReply(200, {}))
         self.requests: list[StubRequest] = []
         self.connections = 0
-        self.port = 0
+        self.port = port  # 0: a free one, chosen on start
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -149,7 +151,11 @@ class HttpStub:
         return f"http://127.0.0.1:{self.port}{path}"
 
     async def __aenter__(self) -> HttpStub:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        # reuse_address: a stub started again on the port of one that just stopped (a
+        # dependency coming back) must not fail on sockets in TIME_WAIT.
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", self.port, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from bench import common, workload
 from bench.contenders.stage import sync_price_stage
 from pipeline.dsl import Pipeline, TopicPolicy
+from pipeline.runtime import writers
 from pipeline.runtime.kafka import BatchWriter, partition_for
 from pipeline.runtime.kafka_transport import KafkaTransport
 from pipeline.runtime.runner import RunOptions, run_stages
@@ -28,8 +29,6 @@ from pipeline.runtime.state import (
     MemoryStores,
     PartitionTable,
     RocksStores,
-    decode_position,
-    encode_position,
     now_ms,
     position,
 )
@@ -54,9 +53,14 @@ def record_key(k: int) -> bytes:
     return f"order-{k:07d}".encode()
 
 
+_WRITER = b"0123456789abcdef"  # one publisher's identity, as Publisher stamps it
+_SEEN = now_ms()
+
+
 def changelog_record(k: int) -> tuple[bytes, bytes]:
-    """Key ``k``'s dedup-by-sequence entry as the state table writes it."""
-    return SEQ_PREFIX + record_key(k), encode_position(position(1 + k % 1000, 0))
+    """Key ``k``'s dedup-by-sequence entry as the state table writes it (one writer)."""
+    entry = (_WRITER, position(1 + k % 1000, 0), _SEEN)
+    return SEQ_PREFIX + record_key(k), writers.encode(entry)
 
 
 def pipeline_for(
@@ -266,13 +270,13 @@ def apply_timing(keys: int) -> dict[str, Any]:
             if name.endswith("_sketch"):
                 _apply_sketch(store, records, rocks=name.startswith("rocks"))
             else:
-                table = PartitionTable(0, store, int(policy.ttl * 1000), policy.max_ids)
+                table = PartitionTable(0, store, policy)
                 now = now_ms()
                 for key, value in records:
                     table.apply(key, value, now)
             seconds = time.perf_counter() - t0
             last_key, last_value = records[-1]
-            same = store.get(last_key) == decode_position(last_value)
+            same = store.get(last_key) == writers.decode(last_value)
             stores.close("t", 0, store)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -289,11 +293,11 @@ def apply_timing(keys: int) -> dict[str, Any]:
 def _apply_sketch(store: Any, records: list[tuple[bytes, bytes]], *, rocks: bool) -> None:
     """Sequence entries only (all these records are): what a batched apply would do."""
     seq = SEQ_PREFIX[0]
-    decode = int.from_bytes
+    decode = writers.decode
     if not rocks:
         for key, value in records:
             if key[0] == seq:
-                store[key] = decode(value, "big", signed=True)
+                store[key] = decode(value)
         return
     from rocksdict import WriteBatch, WriteOptions
 
@@ -303,5 +307,5 @@ def _apply_sketch(store: Any, records: list[tuple[bytes, bytes]], *, rocks: bool
         batch = WriteBatch()
         for key, value in records[start : start + 10_000]:
             if key[0] == seq:
-                batch.put(key, decode(value, "big", signed=True))
+                batch.put(key, decode(value))
         store.write(batch, options)

@@ -4,51 +4,47 @@ The worker (:mod:`pipeline.runtime.worker`) owns the loop, batching, rebalances 
 this module owns the per-record path, which decides the framework's speed: no awaits unless the
 stage is async or a call fails, no per-record logging, few objects per record.
 
-Replayed records (``dlq.replayed``) and parked keys take a slower path of their own, described
-in :mod:`pipeline.runtime.parking`; with the default ``on_dead_letter`` policy (continue) the
-hot path does not look at parks at all.
+Dedup and parks are the :class:`~pipeline.runtime.gate.Gate`'s; replayed records
+(``dlq.replayed``) and parked keys take a slower path of their own, described in
+:mod:`pipeline.runtime.parking`. A record whose retries run out with a retriable error is held
+for the breaker's verdict (:mod:`pipeline.runtime.holds`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from types import GeneratorType
 from typing import Any
 
 from pipeline.dsl import StageNode
 from pipeline.errors import CodecError, StageError
-from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, Record, decode_seq
-from pipeline.runtime.deadletter import (
-    REPLAYED,
-    ClassLog,
-    Parked,
-    dead_letter_headers,
-    error_class,
-)
+from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, WRITER_HEADER, Record, decode_seq
+from pipeline.runtime.deadletter import REPLAYED, ClassLog, dead_letter_headers, error_class
+from pipeline.runtime.gate import Gate
+from pipeline.runtime.holds import Held, Holds, Tripped
 from pipeline.runtime.output import Output
-from pipeline.runtime.parking import (
-    Park,
-    ReplayMark,
-    admit_replayed,
-    replay_identity,
-    replay_of,
-)
-from pipeline.runtime.state import DUPLICATE, GAP, PartitionTable, now_ms, position
+from pipeline.runtime.state import PartitionTable, now_ms
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.transport import Transport
+from pipeline.runtime.writers import writer_id
 from pipeline.schema import SchemaStore
-from pipeline.stage import DedupMode
 
 log = logging.getLogger(__name__)
 
 _DEAD = object()  # the stage function failed for good; the record is dead-lettered
-_GAP_LOG_EVERY = 1000
+_HELD = object()  # it failed after its retries and waits for the breaker's verdict
 
 
 class RecordHandler:
-    """Handles records of one stage; every input ends as output, filtered, duplicate or DLQ."""
+    """Handles records of one stage; every input ends as output, filtered, duplicate or DLQ.
+
+    A record whose retries run out with a retriable error is *held* instead (see
+    :mod:`pipeline.runtime.holds`) until a verdict: poison (dead-lettered) or an outage (the
+    breaker trips; inline, :class:`~pipeline.runtime.holds.Tripped` is raised out of the batch).
+    """
 
     def __init__(
         self,
@@ -57,6 +53,7 @@ class RecordHandler:
         transport: Transport,
         stats: StageStats,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         stage = node.stage
         self.node = node
@@ -70,33 +67,40 @@ class RecordHandler:
         self._retry = stage.retry
         self._out = node.output_topic
         self._dlq = node.dlq_topic
-        mode = stage.dedup.mode
-        self._by_seq = mode in (DedupMode.AUTO, DedupMode.SEQUENCE)
-        self._by_id = mode in (DedupMode.AUTO, DedupMode.EVENT_ID)
-        self._parks = stage.on_dead_letter.parks
-        # The gate in front of each record: dedup, plus the park check only in park mode.
-        self._gate = self._check_parked if self._parks else self._check
+        self._gate = Gate(node, stats, self.dead_letter)
         self._class_log = ClassLog(node.name)
         # The plain path: no dedup, no parking, f(value) only, sync. No headers are read and
         # no Record is built unless a call fails.
-        self._plain = not (
-            self._by_seq or self._by_id or self._parks or stage.wants_record or stage.is_async
-        )
+        self._plain = not (self._gate.active or stage.wants_record or stage.is_async)
         self._fn = stage.fn
         self.output = Output(transport, node.output_topic, self._encode, stats)
+        self.holds = Holds(stage.breaker, clock)
+        self.inline = True  # a trip raises Tripped; the key-lane worker sets False and polls
+        self.on_finished: Callable[[Any], None] | None = None  # lanes: a held record is done
+        self.resource: Any = None  # what the stage's setup yielded (record.resource)
+        self._now = 0  # ms, once per batch: when writers were last seen
+        self._releasing = asyncio.Lock()
+        self._success_again = False
+        self._last_chance: dict[int, int] = {}  # id(msg) -> attempts made before its hold
 
     # -- the two entry points: a whole batch of a sync stage, one record of an async one --
 
     async def handle_sync_batch(self, msgs: list[Any], table: PartitionTable) -> None:
         """Handle a partition's batch in order; awaits only when a call fails."""
+        self._now = now_ms()
         if self._plain:
             await self._plain_batch(msgs, table)
             return
-        decode, invoke, stats, gate = self._decode, self._invoke, self.stats, self._gate
+        decode, invoke, stats, gate, holds = (
+            self._decode, self._invoke, self.stats, self._gate.check, self.holds,
+        )  # fmt: skip
         for msg in msgs:
+            if holds.active and holds.blocks(msg):
+                holds.behind(msg, table)  # its key waits for a verdict on an earlier record
+                continue
             stats.consumed += 1
-            seq, part, eid, replay = _ids(msg.headers)
-            mark = gate(msg, table, seq, part, eid, replay)
+            seq, part, eid, replay, writer = _ids(msg.headers)
+            mark = gate(msg, table, seq, part, eid, replay, writer)
             if mark is None:
                 continue
             try:
@@ -104,15 +108,17 @@ class RecordHandler:
             except CodecError as exc:
                 self._dead(msg, exc, 0, table, mark)
                 continue
-            record = _context(msg, value, seq, eid, table)
+            record = self._context(msg, value, seq, eid, table)
             try:
                 result = invoke(value, record)
                 if type(result) is GeneratorType:  # a returned generator: run it here
                     result = list(result)
             except Exception as exc:
                 result = await self._retry_or_dead_letter(msg, record, exc, mark)
-                if result is _DEAD:
+                if result is _DEAD or result is _HELD:
                     continue
+            if holds.held:
+                await self.release()  # a call succeeded: the held records get their verdict
             try:
                 self.output.emit(msg, result, part)
             except CodecError as exc:  # an output that breaks the output schema
@@ -124,7 +130,11 @@ class RecordHandler:
         """:meth:`handle_sync_batch` for the plain case, with the common result inlined."""
         decode, fn, encode, stats = self._decode, self._fn, self._encode, self.stats
         out, append, keep = self._out, self.transport.append, self.output.keep_partition
+        holds = self.holds
         for msg in msgs:
+            if holds.active and holds.blocks(msg):
+                holds.behind(msg, table)
+                continue
             stats.consumed += 1
             try:
                 value = decode(msg.value)
@@ -136,11 +146,13 @@ class RecordHandler:
                 if type(result) is GeneratorType:
                     result = list(result)
             except Exception as exc:
-                seq, _part, eid, _replay = _ids(msg.headers)
-                record = _context(msg, value, seq, eid, table)
+                seq, _part, eid, _replay, _writer = _ids(msg.headers)
+                record = self._context(msg, value, seq, eid, table)
                 result = await self._retry_or_dead_letter(msg, record, exc, False)
-                if result is _DEAD:
+                if result is _DEAD or result is _HELD:
                     continue
+            if holds.held:
+                await self.release()
             try:
                 if type(result) is dict and keep and encode is not None and out is not None:
                     data = encode(result)
@@ -153,147 +165,94 @@ class RecordHandler:
             except CodecError as exc:
                 self._dead(msg, exc, 1, table, False)
 
-    async def handle_one(self, msg: Any, table: PartitionTable) -> None:
-        """Handle one record of an async stage (inline or in a key lane)."""
+    async def handle_one(self, msg: Any, table: PartitionTable) -> bool:
+        """Handle one record (an async stage's, inline or in a key lane, or a released one).
+
+        Returns:
+            Whether the record is finished; ``False`` when it is held (or waits behind a held
+            record of its key): :attr:`on_finished` is called once it is.
+        """
+        holds = self.holds
+        if holds.active and (holds.blocks(msg) or (holds.tripped and not self.inline)):
+            # Behind a held record of its key; or the breaker tripped and the worker is about
+            # to pause: no new calls to a dependency that is down (read again after the pause,
+            # or handled when a call in flight succeeds after all).
+            holds.behind(msg, table)
+            return False
+        return await self._handle(msg, table)
+
+    async def _handle(self, msg: Any, table: PartitionTable) -> bool:
+        """:meth:`handle_one` past the check for a held record of the key."""
+        holds = self.holds
+        self._now = now = now_ms()
         self.stats.consumed += 1
-        seq, part, eid, replay = _ids(msg.headers)
-        mark = self._gate(msg, table, seq, part, eid, replay)
+        seq, part, eid, replay, writer = _ids(msg.headers)
+        mark = self._gate.check(msg, table, seq, part, eid, replay, writer)
         if mark is None:
-            return
+            return True
         try:
             value = self._decode(msg.value)
         except CodecError as exc:
             self._dead(msg, exc, 0, table, mark)
-            return
-        record = _context(msg, value, seq, eid, table)
+            return True
+        record = self._context(msg, value, seq, eid, table)
         try:
-            result = await self._invoke(value, record)
+            result = self._invoke(value, record)
+            if self._is_async:
+                result = await result
             if type(result) is GeneratorType:
                 result = list(result)
         except Exception as exc:
             result = await self._retry_or_dead_letter(msg, record, exc, mark)
+            if result is _HELD:
+                return False
             if result is _DEAD:
-                return
+                return True
+        if holds.held:
+            await self.release()
+        self._now = now
         try:
             self.output.emit(msg, result, part)
         except CodecError as exc:
             self._dead(msg, exc, 1, table, mark)
-            return
+            return True
         self._remember(msg, table, mark)
+        return True
 
-    # -- dedup: check before handling, remember after (so state never runs ahead of output) --
-
-    def _check(
-        self,
-        msg: Any,
-        table: PartitionTable,
-        seq: int | None,
-        part: int,
-        eid: bytes | None,
-        replay: bytes | None,
-    ) -> Any:
-        """None for a duplicate; otherwise what to remember once the record is handled."""
-        if replay is not None:
-            return self._check_replayed(msg, table, seq, part, eid)
-        if self._by_seq and seq is not None and msg.key is not None:
-            pos = position(seq, part)
-            status = table.check_sequence(msg.key, pos)
-            if status == DUPLICATE:
-                self.stats.duplicates += 1
-                return None
-            if status == GAP:
-                self.stats.gaps += 1
-                if self.stats.gaps % _GAP_LOG_EVERY == 1:
-                    log.warning(
-                        "stage %s: sequence gap for key %r at seq %d (%d gaps so far)",
-                        self.node.name, msg.key, seq, self.stats.gaps,
-                    )  # fmt: skip
-            return pos
-        if self._by_id and eid is not None:
-            now = now_ms()
-            if table.seen_id(eid, now):
-                self.stats.duplicates += 1
-                return None
-            return (eid, now)
-        return False  # no dedup for this record
+    # -- dead letters ------------------------------------------------------------------------
 
     def _remember(self, msg: Any, table: PartitionTable, mark: Any) -> None:
-        if mark is False:
-            return
-        if type(mark) is int:
-            table.remember_sequence(msg.key, mark)
-        elif type(mark) is ReplayMark:
-            mark.done(table, msg.key, now_ms())
-        else:
-            table.remember_id(*mark)
-
-    # -- replays and parked keys (see pipeline.runtime.parking) ------------------------------
-
-    def _check_replayed(
-        self, msg: Any, table: PartitionTable, seq: int | None, part: int, eid: bytes | None
-    ) -> ReplayMark | None:
-        """A replayed record: dedup by replay identity; then rule 3 (parking stages only)."""
-        identity, pos = replay_identity(msg.key, seq, part, eid, self._by_seq, self._by_id)
-        if identity is not None and table.was_replayed(identity):
-            self.stats.duplicates += 1
-            return None
-        replay = replay_of(msg.headers, self.node.name)
-        if self._parks:
-            park = admit_replayed(table, msg.key, replay)
-            if park is not None:
-                self._park(msg, park)  # not remembered: a later replay brings it back
-                return None
-        return ReplayMark(identity, pos, replay)
-
-    def _check_parked(
-        self,
-        msg: Any,
-        table: PartitionTable,
-        seq: int | None,
-        part: int,
-        eid: bytes | None,
-        replay: bytes | None,
-    ) -> Any:
-        """The gate of a parking stage: dedup, then park the records of parked keys."""
-        mark = self._check(msg, table, seq, part, eid, replay)
-        if mark is None or replay is not None or msg.key is None:
-            return mark  # replayed records took their own path through the parks
-        raw = table.parked(msg.key)
-        if raw is None:
-            return mark
-        self._park(msg, Park.decode(raw))
-        self._remember(msg, table, mark)  # handled: a redelivered copy is a duplicate
-        return None
-
-    def _park(self, msg: Any, park: Park) -> None:
-        self.dead_letter(msg, Parked(park.reason()), 0)
+        self._gate.remember(msg, table, mark, self._now)
 
     def _dead(self, msg: Any, exc: BaseException, attempts: int, table: Any, mark: Any) -> None:
         """Dead-letter a record, park its key (park mode) and remember it as handled."""
         self.dead_letter(msg, exc, attempts)
-        replay = ""
-        if type(mark) is ReplayMark:
-            replay = mark.replay  # not remembered: a later replay may process it
-        else:
-            self._remember(msg, table, mark)
-        if self._parks and msg.key is not None:
-            park = Park(replay, msg.topic, msg.partition, msg.offset, error_class(exc))
-            table.park(msg.key, park.encode())
+        self._gate.dead(msg, exc, table, mark, self._now)
 
     # -- failures ----------------------------------------------------------------------------
 
     async def _retry_or_dead_letter(
         self, msg: Any, record: Record, exc: Exception, mark: Any
     ) -> Any:
-        """Retry the stage function with backoff; dead-letter the record when it keeps failing.
+        """Retry the stage function with backoff; when it keeps failing, dead-letter it, or
+        hold it for the breaker's verdict (see :mod:`pipeline.runtime.holds`).
 
+        A record whose error is retriable is held, unless calls of other records succeeded
+        while it was being retried (key lanes run them meanwhile): the dependency works, so
+        it is poison and goes to the dead-letter topic at once. Successes during the first
+        attempt do not count: they may be calls that were answered just before an outage.
         Each attempt gets a freshly decoded value: a failed attempt may have changed the last.
         """
-        policy = self._retry
+        policy, stats = self._retry, self.stats
         attempt = 1
-        while _retriable(exc) and attempt < policy.max_attempts:
-            self.stats.retries += 1
+        earlier = self._last_chance.pop(id(msg), None)  # a held record's one more attempt
+        max_attempts = policy.max_attempts if earlier is None else 1
+        watch = -1  # successes of other calls when the second attempt began
+        while _retriable(exc) and attempt < max_attempts:
+            stats.retries += 1
             await self._sleep(policy.backoff(attempt))
+            if watch < 0:
+                watch = stats.processed + stats.filtered
             attempt += 1
             record.value = self._decode(msg.value)
             try:
@@ -306,8 +265,104 @@ class RecordHandler:
                 exc = again
                 continue
             return result
+        holds = self.holds
+        if earlier is not None:  # its one more attempt failed while other calls succeed
+            self._dead(msg, exc, attempt + earlier, record._table, mark)
+            return _DEAD
+        if holds.enabled and _retriable(exc):
+            # Right after an outage (probing, or failing the way the outage did), a record
+            # may have failed just before the dependency came back: one more attempt before
+            # the poison verdict.
+            outage_like = stats.state == "probing" or error_class(exc) in holds.tripped_on
+            if 0 <= watch < stats.processed + stats.filtered:  # others passed meanwhile
+                if outage_like:
+                    attempt += 1
+                    record.value = self._decode(msg.value)
+                    try:
+                        result = self._invoke(record.value, record)
+                        if self._is_async:
+                            result = await result
+                        return list(result) if type(result) is GeneratorType else result
+                    except Exception as again:
+                        exc = again
+            else:
+                stats.consumed -= 1  # counted again when it is handled for good
+                tripped = holds.hold(
+                    msg, record._table, exc, attempt, mark, record, last_chance=outage_like
+                )
+                stats.held = len(holds.held)
+                if tripped and self.inline:
+                    raise Tripped
+                return _HELD
         self._dead(msg, exc, attempt, record._table, mark)
         return _DEAD
+
+    async def release(self, *, overdue: bool = False) -> None:
+        """End the holds and handle the records that waited behind them.
+
+        After a call succeeded (the dependency works), the held records are poison: they are
+        dead-lettered, except that one held while the stage probes after a pause gets one more
+        attempt first (dead-lettered if it fails again); when ``overdue`` (no verdict came),
+        the held records are dead-lettered at once; after the breaker tripped (the outage is
+        over), every held record is handled again as new. One release runs at a time (key
+        lanes); a success during it is remembered and answered when it ends.
+        """
+        if self._releasing.locked():
+            self._success_again = True
+            return
+        holds = self.holds
+        async with self._releasing:
+            while True:
+                self._success_again = False
+                mode = "again" if holds.tripped else ("poison" if overdue else "last-chance")
+                items = holds.take()
+                if items:
+                    await self._release(items, mode)
+                if self._success_again and holds.held:
+                    overdue = False
+                    continue  # a call succeeded meanwhile: what was held again gets its verdict
+                orphans = holds.take_orphans()
+                while orphans:
+                    await self._release(orphans, "again")
+                    orphans = holds.take_orphans()
+                break
+        self.stats.held = len(holds.held)
+
+    async def _release(self, items: list[Held], mode: str) -> None:
+        holds = self.holds
+        holds.block({(h.msg.partition, h.msg.key) for h in items if h.msg.key is not None})
+        try:
+            for i, h in enumerate(items):
+                try:
+                    if h.failed and (
+                        mode == "poison" or (mode == "last-chance" and not h.last_chance)
+                    ):
+                        assert h.exc is not None
+                        self.stats.consumed += 1
+                        self._dead(h.msg, h.exc, h.attempts, h.table, h.mark)
+                        done = True
+                    else:
+                        if h.failed and mode == "last-chance":
+                            self._last_chance[id(h.msg)] = h.attempts
+                        done = await self._again(h.msg, h.table)
+                except Tripped:
+                    for rest in items[i + 1 :]:  # unhandled: no commit may pass them
+                        holds.behind(rest.msg, rest.table)
+                    raise
+                finally:
+                    self._last_chance.pop(id(h.msg), None)
+                if done and self.on_finished is not None:
+                    self.on_finished(h.msg)
+        finally:
+            holds.block(set())
+        self.stats.held = len(holds.held)
+
+    async def _again(self, msg: Any, table: PartitionTable) -> bool:
+        """Handle a released record as if it had just arrived (it may be held again)."""
+        if self.holds.blocks_held(msg):
+            self.holds.behind(msg, table)  # its key's head failed again during this release
+            return False
+        return await self._handle(msg, table)
 
     def dead_letter(self, msg: Any, exc: BaseException, attempts: int) -> None:
         """Write the original record, untouched, with ``dlq.*`` headers to the DLQ topic."""
@@ -328,33 +383,36 @@ class RecordHandler:
             )  # fmt: skip
         self._class_log.dead_lettered(stats.dead_by_error)
 
+    def _context(
+        self, msg: Any, value: Any, seq: int | None, eid: bytes | None, table: PartitionTable
+    ) -> Record:
+        """The :class:`Record` a stage function (or a retry) sees for ``msg``."""
+        record = Record(
+            msg.key, value, seq=seq, id=eid, headers=msg.headers, timestamp=msg.timestamp,
+            topic=msg.topic, partition=msg.partition, offset=msg.offset,
+        )  # fmt: skip
+        record._table = table
+        record.resource = self.resource
+        return record
 
-def _context(
-    msg: Any, value: Any, seq: int | None, eid: bytes | None, table: PartitionTable
-) -> Record:
-    """The :class:`Record` a stage function (or a retry) sees for ``msg``."""
-    record = Record(
-        msg.key, value, seq=seq, id=eid, headers=msg.headers, timestamp=msg.timestamp,
-        topic=msg.topic, partition=msg.partition, offset=msg.offset,
-    )  # fmt: skip
-    record._table = table
-    return record
 
-
-def _ids(headers: Any) -> tuple[int | None, int, bytes | None, bytes | None]:
-    """The record's sequence number, flat-map part, event id and replay id, from its headers."""
+def _ids(headers: Any) -> tuple[int | None, int, bytes | None, bytes | None, bytes]:
+    """The record's sequence number, flat-map part, event id, replay id and writer."""
     seq = eid = replay = None
     part = 0
+    writer = b""  # records from outside the framework: one anonymous writer
     for k, v in headers:
         if k == SEQ_HEADER:
             seq = decode_seq(v)
+        elif k == WRITER_HEADER:
+            writer = writer_id(v)
         elif k == ID_HEADER:
             eid = v
         elif k == PART_HEADER:
             part = int(v)
         elif k == REPLAYED:
             replay = v
-    return seq, part, eid, replay
+    return seq, part, eid, replay, writer
 
 
 def _retriable(exc: BaseException) -> bool:

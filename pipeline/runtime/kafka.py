@@ -6,6 +6,7 @@ rest of the framework only sees :class:`~pipeline.errors.PipelineError`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -14,18 +15,33 @@ from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import errors as kerr
 from aiokafka.partitioner import murmur2
 
-from pipeline.errors import BrokerError, BrokerUnavailableError, PipelineError, TopicError
+from pipeline.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    FencedError,
+    PipelineError,
+    TopicError,
+)
 from pipeline.runtime.transport import RebalanceCallback
 
 log = logging.getLogger(__name__)
 
 _PARTITION_CACHE_LIMIT = 200_000
 
+#: What a fenced producer raises: another instance bumped its epoch (a zombie).
+FENCED = (kerr.ProducerFenced, kerr.InvalidProducerEpoch, kerr.TransactionalIdAuthorizationFailed)
+
 
 def translate(exc: BaseException, action: str, **context: Any) -> PipelineError:
     """Turn an aiokafka error into the framework's error, saying what was being done."""
     if isinstance(exc, PipelineError):
         return exc
+    if isinstance(exc, FENCED):
+        return FencedError(
+            f"{action}: this instance was fenced (another one took over its partitions): "
+            f"{type(exc).__name__}",
+            **context,
+        )
     if isinstance(exc, kerr.KafkaConnectionError | kerr.NoBrokersAvailable):
         return BrokerUnavailableError(
             f"{action}: no Kafka broker answers ({exc}); check the bootstrap address",
@@ -95,18 +111,33 @@ class BatchWriter:
         """Send taken batches and wait until all are acknowledged."""
         if not batches:
             return
+        futures: list[Any] = []
         try:
-            futures = [await self._producer.send_batch(b, t, partition=p) for b, t, p in batches]
-            for fut in futures:
-                await fut
+            for b, t, p in batches:
+                futures.append(await self._producer.send_batch(b, t, partition=p))
         except kerr.KafkaError as exc:
+            _retrieve(futures)
             raise translate(exc, "writing records") from exc
+        # Wait for all of them, even when one fails: an unread failure is logged by asyncio
+        # as a traceback when its future is collected.
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, kerr.KafkaError):
+                raise translate(result, "writing records") from result
+            if isinstance(result, BaseException):
+                raise result
 
     async def flush(self) -> int:
         """Send every buffered record; return how many, once all are acknowledged."""
         count = self.buffered
         await self.send(self.take())
         return count
+
+
+def _retrieve(futures: list[Any]) -> None:
+    """Mark the outcome of abandoned futures as read (asyncio logs unread failures)."""
+    for fut in futures:
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def partition_for(key: bytes, partitions: int) -> int:

@@ -11,6 +11,15 @@ older instance (a zombie) that still holds that id. Outputs, changelog and offse
 partition commit in one transaction. When a commit's outcome is unknown the producer is
 recreated (which completes or aborts the pending transaction) instead of aborting blindly, and
 the partition is rewound to its committed offset.
+
+The consumer never resets its position silently (``auto_offset_reset="none"``): a partition the
+group never committed starts at its beginning, and a position below the log start or past its
+end is raised as :class:`~pipeline.errors.OffsetOutOfRangeError` for the worker's
+:class:`~pipeline.runtime.offsets.OffsetReset` policy to decide.
+
+A producer that is fenced, or in aiokafka's fatal state, raises
+:class:`~pipeline.errors.FencedError` on whatever path sees it first (send, commit, a new
+transaction); the worker then stops.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import errors as kerr
 from aiokafka.structs import TopicPartition as KafkaTP
 
-from pipeline.errors import BrokerError, FencedError
-from pipeline.runtime.kafka import BatchWriter, Listener, partition_for, translate
+from pipeline.errors import BrokerError, FencedError, OffsetOutOfRangeError
+from pipeline.runtime.kafka import FENCED, BatchWriter, Listener, partition_for, translate
+from pipeline.runtime.offsets import out_of_range
 from pipeline.runtime.transport import Batching, RebalanceCallback
 
 log = logging.getLogger(__name__)
@@ -75,7 +85,9 @@ class KafkaTransport:
             group_id=group,
             client_id=group,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Never jump silently: a missing commit is handled in fetch(), an out-of-range
+            # position goes to the worker's OffsetReset policy.
+            auto_offset_reset="none",
             isolation_level="read_committed"
             if exactly_once or read_committed
             else "read_uncommitted",
@@ -156,16 +168,72 @@ class KafkaTransport:
     # -- reading ---------------------------------------------------------------------------
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Mapping[Any, list[Any]]:
+        """The next records by partition.
+
+        Raises:
+            OffsetOutOfRangeError: A partition's position is outside its log (the worker's
+                policy decides; nothing was skipped).
+        """
+        consumer = self._consumer
         try:
-            result: Mapping[Any, list[Any]] = await self._consumer.getmany(
+            result: Mapping[Any, list[Any]] = await consumer.getmany(
                 timeout_ms=timeout_ms, max_records=max_records
             )
+        except kerr.NoOffsetForPartitionError as exc:
+            # The group never committed this partition: a new stage reads it from the start.
+            for tp in exc.args:
+                if isinstance(tp, KafkaTP) and tp in consumer.assignment():
+                    await consumer.seek_to_beginning(tp)
+            return {}
+        except kerr.OffsetOutOfRangeError as exc:
+            positions = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            for tp, position in positions.items():
+                start = (await consumer.beginning_offsets([tp]))[tp]
+                end = (await consumer.end_offsets([tp]))[tp]
+                raise out_of_range(
+                    tp.topic, tp.partition, position=position, start=start, end=end,
+                    group=self.group,
+                ) from None  # fmt: skip
+            raise translate(exc, "fetching records", topic=self.input_topic) from exc
         except kerr.KafkaError as exc:
             raise translate(exc, "fetching records", topic=self.input_topic) from exc
         return result
 
     def assignment(self) -> set[Any]:
         return set(self._consumer.assignment())
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Read an input partition from ``offset`` next."""
+        self._consumer.seek(KafkaTP(self.input_topic, partition), offset)
+
+    async def out_of_range(self, partitions: list[int]) -> list[OffsetOutOfRangeError]:
+        """Those of ``partitions`` whose committed offset is outside the log now."""
+        consumer, gaps = self._consumer, []
+        tps = [KafkaTP(self.input_topic, p) for p in partitions]
+        if not tps:
+            return []
+        try:
+            starts = await consumer.beginning_offsets(tps)
+            ends = await consumer.end_offsets(tps)
+            for tp in tps:
+                committed = await consumer.committed(tp)
+                if committed is not None and not starts[tp] <= committed <= ends[tp]:
+                    gap = out_of_range(
+                        tp.topic, tp.partition, position=committed, start=starts[tp],
+                        end=ends[tp], group=self.group,
+                    )  # fmt: skip
+                    gaps.append(gap)
+        except kerr.KafkaError as exc:
+            raise translate(exc, "reading offsets", topic=self.input_topic) from exc
+        return gaps
+
+    def pause(self) -> None:
+        """Fetch nothing more from the owned partitions; polls keep the member in its group."""
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        """Fetch from every owned partition again."""
+        self._consumer.resume(*self._consumer.assignment())
 
     async def rewind(self, partition: int) -> None:
         """Seek an input partition back to its committed offset (after a lost transaction)."""
@@ -183,6 +251,7 @@ class KafkaTransport:
         reader = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             enable_auto_commit=False,
+            auto_offset_reset="earliest",  # a checkpoint below the log start reads from it
             isolation_level="read_committed" if self.exactly_once else "read_uncommitted",
             max_poll_records=10_000,
             fetch_max_bytes=16 * 1024 * 1024,
@@ -317,7 +386,10 @@ class KafkaTransport:
     async def _commit_transaction(
         self, partition: int, offset: int | None, batches: list[tuple[Any, str, int]]
     ) -> bool:
-        producer, writer = self._txn[partition]
+        entry = self._txn.get(partition)
+        if entry is None:  # released meanwhile (revoked): its new owner reads it again
+            return False
+        producer, writer = entry
         ok = False
         try:
             ok = await self._transaction(producer, writer, batches, partition, offset)
@@ -335,6 +407,8 @@ class KafkaTransport:
         offset: int | None,
     ) -> bool:
         try:
+            if producer._txn_manager.is_fatal_error():  # fenced earlier, e.g. by a send
+                raise kerr.ProducerFenced()
             await producer.begin_transaction()
             await writer.send(batches)
             if offset is not None:
@@ -343,11 +417,14 @@ class KafkaTransport:
                 )
             await producer.commit_transaction()
             return True
-        except kerr.ProducerFenced as exc:
-            raise FencedError(
-                f"another instance took over partition {partition} of {self.input_topic} "
-                f"(this one was fenced as a zombie); nothing of its open transaction is "
-                f"committed", partition=partition, group=self.group,
+        except (*FENCED, FencedError) as exc:
+            raise self._fenced(partition) from exc
+        except AssertionError as exc:  # aiokafka's state machine, after a fatal error
+            if producer._txn_manager.is_fatal_error():
+                raise self._fenced(partition) from exc
+            raise BrokerError(
+                f"transaction of partition {partition} in an invalid state: {exc}",
+                partition=partition, group=self.group,
             ) from exc  # fmt: skip
         except _UNKNOWN_OUTCOME as exc:
             # The commit may or may not have happened: never abort blindly. A new producer
@@ -367,8 +444,15 @@ class KafkaTransport:
             with contextlib.suppress(kerr.KafkaError):
                 await producer.abort_transaction()
             await self.rewind(partition)
-            if not getattr(exc, "retriable", False) and not isinstance(
-                exc, kerr.InvalidTxnStateError
-            ):
+            if not getattr(exc, "retriable", False) and not isinstance(exc, kerr.InvalidTxnState):
                 raise BrokerError(f"transaction failed: {exc}", partition=partition) from exc
             return False
+
+    def _fenced(self, partition: int) -> FencedError:
+        return FencedError(
+            f"another instance took over partition {partition} of {self.input_topic}: this "
+            f"one was fenced as a zombie (it was silent past its session timeout, or another "
+            f"process uses the same group). It stops; nothing of its open transaction is "
+            f"committed, and its partitions are processed by the instance that fenced it",
+            partition=partition, group=self.group,
+        )  # fmt: skip

@@ -63,6 +63,10 @@ class OffsetTracker:
             self._durable.pop(tp, None)
         self._finished = [(tp, o) for tp, o in self._finished if tp not in tps]
 
+    def clear(self) -> None:
+        """Drop everything (every partition is read again from its committed offset)."""
+        self._pending, self._durable, self._finished = {}, {}, []
+
     def in_flight(self) -> int:
         return sum(len(p) for p in self._pending.values())
 
@@ -97,6 +101,11 @@ class KeyLanes:
         self._idle.clear()
         if self._buffered >= self._max_buffered:
             self._room.clear()
+
+    @property
+    def idle(self) -> bool:
+        """Whether every submitted item is handled."""
+        return self._idle.is_set()
 
     async def wait_for_room(self) -> None:
         """Wait until fewer than ``max_buffered`` items are queued or running."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, Emit
+from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, WRITER_HEADER, Emit
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.transport import Transport
 
 PART_SHIFT = 16  # each flat-map level may emit up to 65,536 values per input
+_SEQUENCE_HEADERS = (SEQ_HEADER, WRITER_HEADER, PART_HEADER, ID_HEADER)  # dropped on re-key
 
 
 class Output:
@@ -93,7 +94,7 @@ class Output:
             return msg.key, data, [*headers, *item.headers]
         # Re-keyed: the input's sequence belongs to another key; give the output an event id
         # of its own (derived, so a replay derives the same one) and no sequence.
-        kept = [h for h in msg.headers if h[0] not in (SEQ_HEADER, PART_HEADER, ID_HEADER)]
+        kept = [h for h in msg.headers if h[0] not in _SEQUENCE_HEADERS]
         eid = next((v for k, v in msg.headers if k == ID_HEADER), b"") + b"/" + item.key
         if index is not None:  # several outputs to one new key stay distinct
             eid += b"#" + str(index).encode()

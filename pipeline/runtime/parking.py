@@ -36,8 +36,8 @@ processed as usual (*continue*, the default), or *parked*.
 dedup table like any handled record, so a redelivered copy does not create a second dead
 letter. A replayed copy carries the same ``seq`` and ``event-id``, and in *continue* mode later
 records of its key may have passed already, so the sequence table would call it a duplicate.
-Replayed records are therefore deduplicated by a *replay identity* instead (the key and
-sequence position, else the event id; ``\\x04`` in the state table), which is remembered only
+Replayed records are therefore deduplicated by a *replay identity* instead (the key, writer
+and sequence position, else the event id; ``\\x04`` in the state table), which is remembered only
 once the record is processed (output or filtered): a second replay of the same dead letter is
 then a counted duplicate, while a record that failed again can be replayed again. With
 ``DedupPolicy.off()`` every replay is processed again.
@@ -111,36 +111,46 @@ class ReplayMark:
     """What to remember once a replayed record is processed (the handler's dedup mark).
 
     Example:
-        >>> table = PartitionTable(0, {}, ttl_ms=1000, max_ids=10)
+        >>> table = PartitionTable(0, {})
         >>> ReplayMark(b"e-1", None, "r1").done(table, b"k", now_ms=5)
         >>> table.was_replayed(b"e-1")
         True
     """
 
-    __slots__ = ("identity", "position", "replay")
+    __slots__ = ("identity", "position", "replay", "writer")
 
-    def __init__(self, identity: bytes | None, pos: int | None, replay: str) -> None:
+    def __init__(
+        self, identity: bytes | None, pos: int | None, replay: str, writer: bytes = b""
+    ) -> None:
         self.identity = identity
         self.position = pos
         self.replay = replay  # "" unless the record is replayed to this stage
+        self.writer = writer
 
     def done(self, table: PartitionTable, key: bytes | None, now_ms: int) -> None:
         """The record is processed: later replays of it are duplicates."""
         if self.identity is not None:
             table.remember_replayed(self.identity, now_ms)
         if self.position is not None and key is not None:
-            last = table.last_position(key)
+            last = table.last_position(key, self.writer)
             if last is None or self.position > last:  # never move the sequence table back
-                table.remember_sequence(key, self.position)
+                table.remember_sequence(key, self.writer, self.position, now_ms)
 
 
 def replay_identity(
-    key: bytes | None, seq: int | None, part: int, eid: bytes | None, by_seq: bool, by_id: bool
+    key: bytes | None,
+    writer: bytes,
+    seq: int | None,
+    part: int,
+    eid: bytes | None,
+    by_seq: bool,
+    by_id: bool,
 ) -> tuple[bytes | None, int | None]:
     """The replay identity of a record and its sequence position (``None`` when unknown)."""
     if by_seq and seq is not None and key is not None:
         pos = position(seq, part)
-        return b"s" + len(key).to_bytes(4, "big") + key + encode_position(pos), pos
+        ident = len(key).to_bytes(4, "big") + key + bytes((len(writer),)) + writer
+        return b"s" + ident + encode_position(pos), pos
     if by_id and eid is not None:
         return b"e" + eid, None
     return None, None

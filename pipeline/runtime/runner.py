@@ -15,8 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiokafka.errors import KafkaError
+
 from pipeline.dsl import Delivery, Pipeline, StageNode
 from pipeline.runtime.kafka_transport import KafkaTransport
+from pipeline.runtime.offsets import OffsetReset
 from pipeline.runtime.state import RocksStores
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.topics import ensure_topics, topic_specs
@@ -42,6 +45,7 @@ class RunOptions:
     stats_file: Path | None = None  # JSON counters, rewritten every stats_interval
     stats_interval: float = 1.0
     state_dir: Path | None = None  # RocksDB local stores here; None keeps state in memory
+    offset_reset: OffsetReset = OffsetReset()  # a position gone from the log: stop (default)
 
 
 async def run_stages(
@@ -60,8 +64,11 @@ async def run_stages(
         TopicError: A topic that breaks co-partitioning (or is missing with
             ``create_topics=False``).
         BrokerUnavailableError: No broker answers.
+        FencedError: Another instance took over (exactly-once): this one is a zombie.
+        OffsetOutOfRangeError: A position is gone from the log (see ``offset_reset``).
     """
     nodes = [pipeline.node(name) for name in stage_names]
+    _quiet_abandoned_kafka_futures()
     await ensure_topics(bootstrap, topic_specs(pipeline), create=options.create_topics)
     stop = stop or asyncio.Event()
     workers = [_worker(pipeline, node, bootstrap, options) for node in nodes]
@@ -111,6 +118,7 @@ def _worker(
         batching=options.batching,
         stores=stores,
         exactly_once=exactly_once,
+        offset_reset=options.offset_reset,
     )
 
 
@@ -124,7 +132,7 @@ async def _report(
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         await asyncio.sleep(options.stats_interval)
-        stats = [w.stats for w in workers]
+        stats = [w.gauges() for w in workers]
         _write_stats(options.stats_file, stats)
         if on_stats is not None:
             on_stats(stats)
@@ -140,6 +148,29 @@ def _write_stats(path: Path | None, stats: list[StageStats]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps([s.as_dict() for s in stats]))
     tmp.replace(path)  # readers never see half a file
+
+
+def _quiet_abandoned_kafka_futures() -> None:
+    """A fenced or failed aiokafka producer leaves internal futures failed with the Kafka
+    error no one awaits (its sender fails every pending batch and transaction waiter).
+    asyncio would print each as a traceback on exit, after the worker already reported the
+    error in one paragraph; keep those at DEBUG. Anything else goes to the default handler."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        message = str(context.get("message", ""))
+        if message.startswith("Future exception was never retrieved") and isinstance(
+            context.get("exception"), KafkaError
+        ):
+            log.debug("abandoned aiokafka future: %s", context.get("exception"))
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 @contextlib.contextmanager

@@ -7,8 +7,10 @@ changelog before partition p is processed, and dropped when p is revoked.
 
 Changelog keys start with one byte that says what they hold:
 
-- ``\\x00`` + record key: the last (sequence, part) processed for the key (dedup by sequence);
-- ``\\x01`` + event id: when the event was seen (dedup by event id, with a TTL);
+- ``\\x00`` + record key: the last (sequence, part) each writer delivered for the key (dedup
+  by sequence, per writer; see :mod:`pipeline.runtime.writers`);
+- ``\\x01`` + event id: when the event was seen (dedup by event id, with a TTL; an id that
+  expires gets a tombstone, see :mod:`pipeline.runtime.ids`);
 - ``\\x02`` + record key: the stage's own value for the key (``record.state``), JSON;
 - ``\\x03`` + record key: the key is *parked* after a dead letter (see
   :mod:`pipeline.runtime.parking`); the value says which dead letter and in which replay;
@@ -16,7 +18,8 @@ Changelog keys start with one byte that says what they hold:
   dead letter is a duplicate); the value is when, in ms.
 
 Parks and replay marks are kept in the local store (not only in memory), so a persistent store
-restored from a checkpoint still has them.
+restored from a checkpoint still has them. (``\\x06`` and ``\\x07`` keys are the event-id time
+index and count of a RocksDB store; they never reach the changelog.)
 """
 
 from __future__ import annotations
@@ -25,17 +28,26 @@ import json
 import logging
 import shutil
 import time
-from collections import OrderedDict
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from pipeline.runtime import writers
+from pipeline.runtime.ids import ID_PREFIX, IdSet, MemoryIds, StoreIds, discard
 from pipeline.stage import DedupMode, DedupPolicy
+
+if TYPE_CHECKING:
+    from pipeline.runtime.stats import StageStats
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "DUPLICATE", "GAP", "ID_PREFIX", "NEW", "PARK_PREFIX", "REPLAY_PREFIX", "SEQ_PREFIX",
+    "USER_PREFIX", "MemoryStores", "PartitionTable", "RocksStores", "StateTable",
+    "StoreFactory", "now_ms", "position",
+]  # fmt: skip
+
 SEQ_PREFIX = b"\x00"
-ID_PREFIX = b"\x01"
 USER_PREFIX = b"\x02"
 PARK_PREFIX = b"\x03"
 REPLAY_PREFIX = b"\x04"
@@ -139,55 +151,103 @@ class RocksStores:
 
 
 class PartitionTable:
-    """The state of one input partition: dedup positions, event ids, user values."""
+    """The state of one input partition: writer positions, event ids, user values, parks.
 
-    __slots__ = ("dirty", "ids", "max_ids", "partition", "store", "ttl_ms")
+    Args:
+        partition: The input partition.
+        store: Its local store.
+        policy: The stage's dedup policy (TTLs and bounds).
+        stats: Where forgotten writers and ids are counted (optional).
+        persistent: Whether the store is RocksDB (event ids then live in it too).
+    """
+
+    __slots__ = (
+        "_seq_dirty",
+        "dirty",
+        "ids",
+        "max_writers",
+        "partition",
+        "stats",
+        "store",
+        "writer_ttl_ms",
+    )
 
     def __init__(
-        self, partition: int, store: MutableMapping[bytes, Any], ttl_ms: int, max_ids: int
+        self,
+        partition: int,
+        store: MutableMapping[bytes, Any],
+        policy: DedupPolicy | None = None,
+        stats: StageStats | None = None,
+        *,
+        persistent: bool = False,
     ) -> None:
+        policy = policy or DedupPolicy()
         self.partition = partition
         self.store = store
-        self.ids: OrderedDict[bytes, int] = OrderedDict()  # event id -> ms seen, oldest first
-        self.ttl_ms = ttl_ms
-        self.max_ids = max_ids
+        self.stats = stats
+        ttl_ms, max_ids = int(policy.ttl * 1000), policy.max_ids
+        self.ids: IdSet = (
+            StoreIds(store, ttl_ms, max_ids) if persistent else MemoryIds(ttl_ms, max_ids)
+        )
+        self.writer_ttl_ms = int(policy.writer_ttl * 1000)
+        self.max_writers = policy.max_writers
         self.dirty: dict[bytes, bytes | None] = {}  # changelog key -> value (None: delete)
+        self._seq_dirty: dict[bytes, Any] = {}  # changelog key -> writers entry, encoded late
 
-    def check_sequence(self, key: bytes, pos: int) -> int:
-        """Classify a (sequence, part) position: NEW, DUPLICATE or GAP (a skipped sequence)."""
-        last = self.store.get(SEQ_PREFIX + key)
+    @property
+    def pending(self) -> bool:
+        """Whether changes wait for the next commit."""
+        return bool(self.dirty or self._seq_dirty)
+
+    # -- sequence dedup, per (key, writer) ------------------------------------------------
+
+    def check_sequence(self, key: bytes, writer: bytes, pos: int) -> int:
+        """Classify ``writer``'s (sequence, part) position for ``key``: NEW, DUPLICATE or GAP."""
+        entry = self.store.get(SEQ_PREFIX + key)
+        if entry is None:
+            return NEW
+        last = writers.last_of(entry, writer)
         if last is None:
             return NEW
         if pos <= last:
             return DUPLICATE
         return GAP if (pos >> _PART_BITS) > (last >> _PART_BITS) + 1 else NEW
 
-    def remember_sequence(self, key: bytes, pos: int) -> None:
-        """The record at ``pos`` is handled: later copies of it are duplicates."""
+    def remember_sequence(self, key: bytes, writer: bytes, pos: int, now_ms: int) -> None:
+        """``writer``'s record at ``pos`` is handled: later copies of it are duplicates."""
         skey = SEQ_PREFIX + key
-        self.store[skey] = pos
-        self.dirty[skey] = encode_position(pos)
+        entry, evicted = writers.updated(
+            self.store.get(skey), writer, pos, now=now_ms, ttl_ms=self.writer_ttl_ms,
+            max_writers=self.max_writers,
+        )  # fmt: skip
+        self.store[skey] = entry
+        self._seq_dirty[skey] = entry
+        if evicted and self.stats is not None:
+            self.stats.writers_evicted += evicted
+
+    def last_position(self, key: bytes, writer: bytes) -> int | None:
+        """The last (sequence, part) position ``writer`` delivered for ``key``, or ``None``."""
+        entry = self.store.get(SEQ_PREFIX + key)
+        return None if entry is None else writers.last_of(entry, writer)
+
+    # -- event-id dedup ---------------------------------------------------------------------
 
     def seen_id(self, event_id: bytes, now_ms: int) -> bool:
         """Whether ``event_id`` was handled within the TTL."""
-        seen = self.ids.get(event_id)
-        return seen is not None and now_ms - seen < self.ttl_ms
+        return self.ids.seen(event_id, now_ms)
 
     def remember_id(self, event_id: bytes, now_ms: int) -> None:
         """The event is handled: later copies within the TTL are duplicates."""
-        ids = self.ids
-        ids[event_id] = now_ms
-        ids.move_to_end(event_id)
-        self.dirty[ID_PREFIX + event_id] = now_ms.to_bytes(8, "big")
-        self._expire(now_ms)
+        ids, dirty = self.ids, self.dirty
+        evicted = ids.evicted
+        gone = ids.add(event_id, now_ms)
+        dirty[ID_PREFIX + event_id] = now_ms.to_bytes(8, "big")
+        for old in gone:  # the changelog forgets what memory forgot
+            dirty[ID_PREFIX + old] = None
+        if ids.evicted != evicted and self.stats is not None:
+            self.stats.ids_evicted += ids.evicted - evicted
 
-    def _expire(self, now_ms: int) -> None:
-        ids = self.ids
-        while ids:
-            oldest, seen = next(iter(ids.items()))
-            if len(ids) <= self.max_ids and now_ms - seen < self.ttl_ms:
-                break
-            del ids[oldest]
+    # -- the stage's own values ---------------------------------------------------------------
 
     def get(self, key: bytes) -> Any:
         raw = self.store.get(USER_PREFIX + key)
@@ -199,29 +259,39 @@ class PartitionTable:
         self.dirty[USER_PREFIX + key] = raw
 
     def delete(self, key: bytes) -> None:
-        self.store.pop(USER_PREFIX + key, None)
+        discard(self.store, USER_PREFIX + key)
         self.dirty[USER_PREFIX + key] = None
 
+    # -- restore ----------------------------------------------------------------------------
+
     def apply(self, ckey: bytes, value: bytes | None, now_ms: int) -> None:
-        """Apply one changelog record during restore."""
+        """Apply one changelog record during restore.
+
+        What expired while the stage was down (event ids past their TTL, idle writers) is
+        dropped here and gets a tombstone at the next commit.
+        """
         prefix, rest = ckey[:1], ckey[1:]
         if prefix == ID_PREFIX:
-            if value is None:
-                self.ids.pop(rest, None)
-                return
-            seen = int.from_bytes(value, "big")
-            if now_ms - seen < self.ttl_ms:
-                self.ids[rest] = seen
-                self.ids.move_to_end(rest)
-                if len(self.ids) > self.max_ids:
-                    self.ids.popitem(last=False)
+            seen = None if value is None else int.from_bytes(value, "big")
+            for old in self.ids.load(rest, seen, now_ms):
+                self.dirty[ID_PREFIX + old] = None
             return
         if value is None:
-            self.store.pop(ckey, None)
+            discard(self.store, ckey)
         elif prefix == SEQ_PREFIX:
-            self.store[ckey] = decode_position(value)
+            try:
+                entry = writers.expired(writers.decode(value), now_ms, self.writer_ttl_ms)
+            except ValueError:
+                entry = None  # an older format: the key starts afresh
+            if entry is None:
+                discard(self.store, ckey)
+                self.dirty[ckey] = None
+            else:
+                self.store[ckey] = entry
         else:  # user values, parks and replay marks are kept as the changelog holds them
             self.store[ckey] = value
+
+    # -- parks and replays (see pipeline.runtime.parking) ----------------------------------
 
     def parked(self, key: bytes) -> bytes | None:
         """The park of ``key`` (encoded by :mod:`pipeline.runtime.parking`), or ``None``."""
@@ -235,7 +305,7 @@ class PartitionTable:
 
     def unpark(self, key: bytes) -> None:
         """Let ``key``'s records through again."""
-        self.store.pop(PARK_PREFIX + key, None)
+        discard(self.store, PARK_PREFIX + key)
         self.dirty[PARK_PREFIX + key] = None
 
     def was_replayed(self, identity: bytes) -> bool:
@@ -248,23 +318,31 @@ class PartitionTable:
         self.store[REPLAY_PREFIX + identity] = raw
         self.dirty[REPLAY_PREFIX + identity] = raw
 
-    def last_position(self, key: bytes) -> int | None:
-        """The last (sequence, part) position handled for ``key``, or ``None``."""
-        last: int | None = self.store.get(SEQ_PREFIX + key)
-        return last
-
     def take_dirty(self) -> dict[bytes, bytes | None]:
+        """The changelog updates since the last call (writer entries encoded once per key)."""
         dirty, self.dirty = self.dirty, {}
+        if self._seq_dirty:
+            encode = writers.encode
+            for skey, entry in self._seq_dirty.items():
+                dirty[skey] = encode(entry)
+            self._seq_dirty = {}
         return dirty
 
 
 class StateTable:
     """A stage's keyed table: one :class:`PartitionTable` per owned input partition."""
 
-    def __init__(self, name: str, policy: DedupPolicy, stores: StoreFactory | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        policy: DedupPolicy,
+        stores: StoreFactory | None = None,
+        stats: StageStats | None = None,
+    ) -> None:
         self.name = name
         self.policy = policy
         self.stores = stores or MemoryStores()
+        self.stats = stats
         self.partitions: dict[int, PartitionTable] = {}
 
     @property
@@ -273,14 +351,19 @@ class StateTable:
 
     def open(self, partition: int) -> tuple[PartitionTable, int]:
         """Open a partition's store; return it and the changelog offset to restore from."""
-        store = self.stores.open(self.name, partition)
-        table = PartitionTable(partition, store, int(self.policy.ttl * 1000), self.policy.max_ids)
+        stores = self.stores
+        store = stores.open(self.name, partition)
+        offset = stores.checkpoint(self.name, partition)
+        table = PartitionTable(
+            partition, store, self.policy, self.stats, persistent=stores.persistent
+        )
         self.partitions[partition] = table
-        return table, self.stores.checkpoint(self.name, partition)
+        return table, offset
 
     def close(self, partition: int) -> None:
         table = self.partitions.pop(partition, None)
         if table is not None:
+            table.ids.close()
             self.stores.close(self.name, partition, table.store)
 
     def saved(self, partition: int, offset: int) -> None:

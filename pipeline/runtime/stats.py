@@ -8,13 +8,17 @@ from dataclasses import dataclass, field
 
 from pipeline.runtime.deadletter import by_class
 
+#: What a worker is doing (``StageStats.state``); only ``running`` is ready.
+STATES = ("starting", "setup", "restoring", "running", "paused", "probing", "stopped", "failed")
+
 
 @dataclass(slots=True)
 class StageStats:
     """Counts of what happened to a stage's records.
 
     Every input record ends as exactly one of: output (``processed``), filtered out,
-    duplicate, or dead letter; ``consumed`` is their sum once the stage is idle.
+    duplicate, or dead letter; ``consumed`` is their sum once the stage is idle (records the
+    breaker holds are counted once they are handled for good).
     """
 
     stage: str
@@ -29,8 +33,20 @@ class StageStats:
     commits: int = 0
     restored: int = 0  # changelog records read back into the state table
     restore_seconds: float = 0.0
+    skipped: int = 0  # records passed over by an explicit offset reset (out of range)
+    held: int = 0  # records held now, waiting for the breaker's verdict (a gauge)
+    ids_held: int = 0  # event ids the dedup table remembers now (a gauge)
+    pauses: int = 0  # times the breaker paused the stage (a dependency was down)
+    writers_evicted: int = 0  # writers forgotten because of DedupPolicy.max_writers
+    ids_evicted: int = 0  # event ids forgotten because of DedupPolicy.max_ids
+    state: str = "starting"  # one of STATES
     dead_by_error: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the worker runs normally: set up, restored, not paused by the breaker."""
+        return self.state == "running"
 
     def rate(self) -> float:
         """Consumed records per second since start."""
@@ -60,6 +76,14 @@ class StageStats:
             "commits": self.commits,
             "restored": self.restored,
             "restore_seconds": round(self.restore_seconds, 3),
+            "skipped": self.skipped,
+            "held": self.held,
+            "ids_held": self.ids_held,
+            "pauses": self.pauses,
+            "writers_evicted": self.writers_evicted,
+            "ids_evicted": self.ids_evicted,
+            "state": self.state,
+            "ready": self.ready,
             "dead_by_error": dict(self.dead_by_error),
             "records_per_s": round(self.rate(), 1),
         }

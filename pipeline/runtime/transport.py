@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.errors import OffsetOutOfRangeError
 
 
 class TopicPartition(NamedTuple):
@@ -70,13 +73,30 @@ class Transport(Protocol):
         """Give up an input partition."""
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Mapping[Any, list[Any]]:
-        """Return the next records by partition (empty when none within ``timeout_ms``)."""
+        """Return the next records by partition (empty when none within ``timeout_ms``).
+
+        Raises:
+            OffsetOutOfRangeError: A position is outside its partition's log; nothing was
+                skipped (the worker's :class:`~pipeline.runtime.offsets.OffsetReset` decides).
+        """
 
     def assignment(self) -> set[Any]:
         """The input partitions (topic-partition pairs) this worker owns now."""
 
     async def rewind(self, partition: int) -> None:
         """Read an input partition again from its committed offset."""
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Read an input partition from ``offset`` next."""
+
+    async def out_of_range(self, partitions: list[int]) -> list[OffsetOutOfRangeError]:
+        """Those of ``partitions`` whose *committed* offset is outside the log now."""
+
+    def pause(self) -> None:
+        """Fetch nothing from the owned partitions (fetches still keep the member alive)."""
+
+    def resume(self) -> None:
+        """Fetch from every owned partition again."""
 
     def restore(self, partition: int, start: int) -> AsyncIterator[tuple[bytes, bytes | None]]:
         """The state changelog records of ``partition`` from ``start`` to its current end."""

@@ -8,6 +8,18 @@ are handled in offset order; with ``concurrency > 1`` records of different keys 
 
 State tables are restored from the changelog when a partition is assigned, before any of its
 records is handled, and dropped when it is revoked.
+
+What stops a worker, and what does not:
+
+- an error raised inside a rebalance callback (a fence found while committing on revocation,
+  a restore that fails) is kept and raised by the loop: aiokafka would log and swallow it, and
+  the worker would rejoin with stale state. Under exactly-once, every revocation first commits
+  the current positions in a transaction, so a zombie learns it was fenced and stops;
+- a position that is gone from the log stops the worker unless its
+  :class:`~pipeline.runtime.offsets.OffsetReset` says otherwise;
+- a dependency that is down does not: the stage's setup is retried before it consumes (see
+  :mod:`pipeline.runtime.setup`), and the breaker (:mod:`pipeline.runtime.holds`) pauses the
+  partitions instead of dead-lettering the stream.
 """
 
 from __future__ import annotations
@@ -16,12 +28,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pipeline.dsl import StageNode
+from pipeline.errors import OffsetOutOfRangeError
+from pipeline.runtime.commits import Commits
 from pipeline.runtime.handler import RecordHandler
-from pipeline.runtime.lanes import KeyLanes, OffsetTracker
+from pipeline.runtime.holds import Tripped
+from pipeline.runtime.lanes import KeyLanes
+from pipeline.runtime.offsets import OffsetReset, ResetMode, combined
+from pipeline.runtime.pauses import Pauses
+from pipeline.runtime.setup import enter_setup
 from pipeline.runtime.state import StateTable, StoreFactory, now_ms
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.transport import Batching, Transport
@@ -45,6 +63,9 @@ class StageWorker:
             commits a batch only once all of it is handled.
         sleep: Waits between retries (a virtual clock in tests).
         stats: Counters to add to (a fresh set by default).
+        offset_reset: What to do when a position is gone from the log (stop, by default).
+        clock: Seconds, monotonic: when held records are overdue and pauses end (virtual in
+            tests, with ``sleep``).
     """
 
     def __init__(
@@ -58,101 +79,215 @@ class StageWorker:
         exactly_once: bool = False,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         stats: StageStats | None = None,
+        offset_reset: OffsetReset = OffsetReset(),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
         self.transport = transport
         self.batching = batching
         self.exactly_once = exactly_once
+        self.offset_reset = offset_reset
         self.stats = stats or StageStats(node.stage.name)
-        self.table = StateTable(node.state_topic, node.stage.dedup, stores)
-        self.handler = RecordHandler(node, schemas, transport, self.stats, sleep)
+        self.table = StateTable(node.state_topic, node.stage.dedup, stores, self.stats)
+        self.handler = RecordHandler(node, schemas, transport, self.stats, sleep, clock)
+        self.commits = Commits(transport, self.table, self.stats, self.handler.holds, self._lost)
         self._lock = asyncio.Lock()  # held while a batch is between fetch and commit
         self._lanes: KeyLanes | None = None
-        self._tracker = OffsetTracker()
-        self._commit_lock = asyncio.Lock()
-        self._inflight: asyncio.Task[set[int]] | None = None  # the commit in flight
+        self.pauses = Pauses(
+            node.name, node.stage.breaker, transport, self.stats, self.commits,
+            self.handler.holds, self._fetch, sleep, clock,
+        )  # fmt: skip
+        self._fatal: BaseException | None = None  # raised in a rebalance callback
+        self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> StageStats:
         """Process until ``stop`` is set, then finish in-flight records, commit and leave."""
-        t = self.transport
-        await t.start(self._on_revoked, self._on_assigned)
-        try:
-            counts = {}
-            for topic in (
-                self.node.input_topic, self.node.output_topic, self.node.dlq_topic,
-                self.node.state_topic,
-            ):  # fmt: skip
-                if topic:
-                    counts[topic] = await t.prepare_topic(topic)
-            out = self.node.output_topic
-            self.handler.output.keep_partition = (
-                out is not None and counts[out] == counts[self.node.input_topic]
-            )
-            if self.node.stage.concurrency > 1:
-                await self._run_lanes(stop)
-            else:
-                await self._run_inline(stop)
-        finally:
+        t, stats = self.transport, self.stats
+        async with contextlib.AsyncExitStack() as setup:
+            self.handler.resource = await enter_setup(self.node.stage, setup, stop, stats)
+            if stop.is_set():
+                stats.state = "stopped"
+                return stats
+            stats.state = "starting"
+            await t.start(self._on_revoked, self._on_assigned)
+            failed = True
             try:
-                await self._settle()
+                await self._prepare_topics()
+                if self.node.stage.concurrency > 1:
+                    await self._run_lanes(stop)
+                else:
+                    await self._run_inline(stop)
+                failed = False
             finally:
-                for partition in list(self.table.partitions):
-                    await self._close_partition(partition)
-                await t.stop()
+                self._stopping = True  # a rebalance callback after this takes nothing
+                stats.state = "failed" if failed else "stopped"
+                try:
+                    if self._fatal is None:
+                        await self.commits.settle()
+                except Exception:
+                    if not failed:
+                        raise
+                    log.debug("stage %s: commit while failing", self.node.name, exc_info=True)
+                finally:
+                    for partition in list(self.table.partitions):
+                        await self._close_partition(partition)
+                    await t.stop()
+        return stats
+
+    async def _prepare_topics(self) -> None:
+        counts = {}
+        for topic in (
+            self.node.input_topic, self.node.output_topic, self.node.dlq_topic,
+            self.node.state_topic,
+        ):  # fmt: skip
+            if topic:
+                counts[topic] = await self.transport.prepare_topic(topic)
+        out = self.node.output_topic
+        self.handler.output.keep_partition = (
+            out is not None and counts[out] == counts[self.node.input_topic]
+        )
+
+    def gauges(self) -> StageStats:
+        """The stats, with the gauges that are read off the state (not counted) brought up to
+        date; call it before reporting them."""
+        self.stats.ids_held = sum(len(t.ids) for t in self.table.partitions.values())
         return self.stats
+
+    @property
+    def idle(self) -> bool:
+        """Whether no batch is being handled now (for test drivers that move virtual time)."""
+        lanes = self._lanes
+        return not self._lock.locked() and (lanes is None or lanes.idle)
+
+    def _check_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _fetch(self, wait_ms: int | None = None) -> Mapping[Any, list[Any]]:
+        """Fetch; a position gone from the log goes to the :class:`OffsetReset` policy."""
+        b = self.batching
+        try:
+            return await self.transport.fetch(
+                b.fetch_wait_ms if wait_ms is None else wait_ms, b.max_records
+            )
+        except OffsetOutOfRangeError as gone:
+            # Under the lock: not while partitions are being taken over (the error may come
+            # while a rebalance callback restores them), and nothing handled meanwhile.
+            async with self._lock:
+                await self._out_of_range(gone)
+            return {}
+
+    async def _out_of_range(self, gone: OffsetOutOfRangeError) -> None:
+        """Stop with every partition that is out of range, or skip on by the policy."""
+        if self.offset_reset.mode is ResetMode.FAIL:
+            # A restarted stage has the same gap in its other partitions, most likely: name
+            # them all (those it has not handled since it took them; their commit is its
+            # position).
+            others = [
+                tp.partition for tp in self.transport.assignment()
+                if tp.partition != gone.partition and tp.partition not in self.commits.committed
+            ]  # fmt: skip
+            raise combined([gone, *await self.transport.out_of_range(others)])
+        offset, skipped = self.offset_reset.seek_to(gone)
+        if self._lanes is not None:
+            await self._lanes.wait_idle()
+            await self.commits.flush_finished()
+        commits = self.commits
+        await commits.settle()
+        commits.forget([gone.partition])
+        self.transport.seek(gone.partition, offset)
+        commits.handled(gone.partition, offset)
+        await commits.commit({gone.partition: offset})  # a restart must not meet it again
+        self.stats.skipped += skipped
+        log.error(
+            "stage %s: %s/%d: position %d is out of range (log %d..%d); by the offset reset "
+            "policy '%s' it goes on at %d, skipping %d records",
+            self.node.name, gone.topic, gone.partition, gone.position, gone.start, gone.end,
+            self.offset_reset.mode.value, offset, skipped,
+        )  # fmt: skip
 
     # -- concurrency = 1: the hot path, no task per record -------------------------------
 
     async def _run_inline(self, stop: asyncio.Event) -> None:
-        t, b, handler, tables = self.transport, self.batching, self.handler, self.table.partitions
+        t, handler, tables, stats = self.transport, self.handler, self.table.partitions, self.stats
+        holds, commits = handler.holds, self.commits
         while not stop.is_set():
-            batches = await t.fetch(b.fetch_wait_ms, b.max_records)
+            self._check_fatal()
+            if holds.held and holds.overdue():
+                await self._verdict_timeout()
+            batches = await self._fetch()
             if not batches:
-                if self._inflight is not None and self._inflight.done():
+                if commits.finished_in_flight:
                     async with self._lock:
-                        await self._settle()  # idle: account for the last commit now
+                        await commits.settle()  # idle: account for the last commit now
                 continue
+            tripped = False
             async with self._lock:
+                self._check_fatal()
                 owned = t.assignment()
-                offsets = {}
-                for tp, msgs in batches.items():
-                    table = tables.get(tp.partition)
-                    if table is None or tp not in owned:
-                        await self._skip(tp, owned)
-                        continue
-                    if handler.is_async:
-                        for msg in msgs:
-                            await handler.handle_one(msg, table)
-                    else:
-                        await handler.handle_sync_batch(msgs, table)
-                    offsets[tp.partition] = msgs[-1].offset + 1
+                handled = {}
+                try:
+                    for tp, msgs in batches.items():
+                        table = tables.get(tp.partition)
+                        if table is None or tp not in owned:
+                            await self._skip(tp, owned)
+                            continue
+                        # Set first: after a trip mid-batch, the commit is capped at the
+                        # first held record anyway, and the partition is read again from it.
+                        handled[tp.partition] = msgs[-1].offset + 1
+                        if handler.is_async:
+                            for msg in msgs:
+                                await handler.handle_one(msg, table)
+                        else:
+                            await handler.handle_sync_batch(msgs, table)
+                except Tripped:
+                    tripped = True
                 # The previous batch's commit ran while this one was handled; finish it, then
                 # start this one's, which runs while the next batch is fetched and handled.
-                await self._settle(offsets)
-                await self._start_commit(offsets)
+                offsets = commits.offsets(handled)
+                await commits.settle(offsets)
+                await commits.start(offsets)
+                if tripped:
+                    await commits.settle()
+                    await self.pauses.rewind()
+                elif stats.state == "probing":
+                    self.pauses.check_resumed()
+            if tripped:
+                await self.pauses.wait(stop, self._check_fatal)
 
     # -- concurrency > 1: key lanes ------------------------------------------------------
 
     async def _run_lanes(self, stop: asyncio.Event) -> None:
-        t, b, tracker, tables = self.transport, self.batching, self._tracker, self.table.partitions
+        t, tables, commits = self.transport, self.table.partitions, self.commits
+        tracker, handler, stats = commits.tracker, self.handler, self.stats
+        holds = handler.holds
         concurrency = self.node.stage.concurrency
+        handler.inline = False  # a trip is seen by this loop, not raised out of a lane
+        handler.on_finished = lambda msg: tracker.finished(msg.partition, msg.offset)
 
         async def handle(msg: Any) -> None:
             table = tables.get(msg.partition)
             if table is None:  # revoked: its next owner handles it
                 return
-            await self.handler.handle_one(msg, table)
-            tracker.finished(msg.partition, msg.offset)
+            if await handler.handle_one(msg, table):
+                tracker.finished(msg.partition, msg.offset)
 
         lanes = self._lanes = KeyLanes(concurrency, handle, max(1000, 16 * concurrency))
         flusher = None if self.exactly_once else asyncio.create_task(self._flush_loop(stop))
         try:
             while not stop.is_set():
+                self._check_fatal()
                 if flusher is not None and flusher.done():
                     flusher.result()  # the flusher failed: stop with its error, loudly
+                if holds.tripped:
+                    await self._trip_lanes(lanes, stop)
+                    continue
+                if holds.held and holds.overdue():
+                    await self._verdict_timeout()
                 await lanes.wait_for_room()
-                batches = await t.fetch(b.fetch_wait_ms, b.max_records)
+                batches = await self._fetch()
                 async with self._lock:
+                    self._check_fatal()
                     owned = t.assignment()
                     for tp, msgs in batches.items():
                         if tp not in owned or tp.partition not in tables:
@@ -165,10 +300,12 @@ class StageWorker:
                         # A transaction holds whole batches: outputs of a record past an
                         # unfinished one must not commit before that one's offset does.
                         await lanes.wait_idle()
-                        await self._flush_and_commit()
+                        await commits.flush_finished()
+                    if stats.state == "probing":
+                        self.pauses.check_resumed()
             async with self._lock:
                 await lanes.wait_idle()
-                await self._flush_and_commit()
+                await commits.flush_finished()
         finally:
             await lanes.close()
             self._lanes = None
@@ -177,63 +314,51 @@ class StageWorker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher  # re-raises what made the flusher fail
 
+    async def _trip_lanes(self, lanes: KeyLanes, stop: asyncio.Event) -> None:
+        """The breaker tripped in a lane: let the others finish, commit, rewind, pause."""
+        holds = self.handler.holds
+        async with self._lock:
+            await lanes.wait_idle()  # in-flight records finish, fail or succeed
+            if holds.tripped:  # (a success meanwhile ended the outage)
+                await self.commits.flush_finished()
+                await self.pauses.rewind()
+        if self.stats.state == "paused":
+            await self.pauses.wait(stop, self._check_fatal)
+
     async def _flush_loop(self, stop: asyncio.Event) -> None:
         interval = self.batching.flush_interval_ms / 1000
         while not stop.is_set():
             await asyncio.sleep(interval)
-            await self._flush_and_commit()
+            await self.commits.flush_finished()
 
-    async def _flush_and_commit(self) -> None:
-        async with self._commit_lock:
-            # Nothing awaits between taking the finished records and the transport's commit
-            # swapping out its buffers, so the outputs made durable are exactly those of
-            # ``done``; records finishing meanwhile go to the next commit.
-            # The positions count ``done`` as durable: the transport makes outputs durable
-            # before it commits offsets, and a failure there stops the worker.
-            done = self._tracker.take_finished()
-            if not done and not any(t.dirty for t in self.table.partitions.values()):
-                return  # nothing finished since the last commit
-            await self._commit(self._tracker.made_durable(done))
+    # -- the breaker: held records, pauses (see pipeline.runtime.holds) -------------------
 
-    async def _commit(self, offsets: dict[int, int]) -> None:
-        await self._start_commit(offsets)
-        await self._settle()
-
-    async def _start_commit(self, offsets: dict[int, int]) -> None:
-        """Start committing everything handled so far; at most one commit is in flight."""
-        state = {p: tbl.take_dirty() for p, tbl in self.table.partitions.items() if tbl.dirty}
-        self._inflight = asyncio.create_task(self.transport.commit(offsets, state))
-        # Let the commit take its snapshot (the transport swaps its buffers before its first
-        # await) before anything else is appended: records handled from now on belong to the
-        # next commit, even under exactly-once.
-        await asyncio.sleep(0)
-
-    async def _settle(self, handled_since: dict[int, int] | None = None) -> None:
-        """Wait for the commit in flight; deal with partitions whose transaction was lost.
-
-        Args:
-            handled_since: Offsets of a batch handled while the commit ran; a lost
-                partition's entry is dropped (its records are read again from the log).
-        """
-        task, self._inflight = self._inflight, None
-        if task is None:
-            return
-        lost = await task
-        self.stats.commits += 1
-        for partition in lost:  # EOS: the transaction did not commit; start over from the log
-            if handled_since is not None:
-                handled_since.pop(partition, None)
-            self.transport.discard(partition)  # outputs handled since then are void too
-            self._tracker.forget({partition})
-            self.table.close(partition)
-            await self._restore(partition)
+    async def _verdict_timeout(self) -> None:
+        """Held records waited too long for a verdict: dead-letter them as poison."""
+        async with self._lock:
+            held = len(self.handler.holds.held)
+            log.warning(
+                "stage %s: %d held record(s) got no verdict within %.0fs (no other key was "
+                "handled): dead-lettering the failed ones",
+                self.node.name, held, self.node.stage.breaker.verdict_timeout,
+            )  # fmt: skip
+            await self.handler.release(overdue=True)
+            if self._lanes is None:
+                await self.commits.settle()
+                await self.commits.start(self.commits.offsets({}))
 
     # -- rebalance -------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException, what: str) -> None:
+        """Keep an error raised in a rebalance callback for the loop to raise."""
+        if self._fatal is None:
+            self._fatal = exc
+            log.error("stage %s: %s failed: %s", self.node.name, what, exc)
 
     async def _skip(self, tp: Any, owned: set[Any]) -> None:
         """A batch fetched before a rebalance: never let its records go unhandled."""
         if tp in owned:
-            await self._settle()
+            await self.commits.settle()
             # Still ours (handed back by the rebalance): read it again from the committed
             # offset, or the next commit would pass records nobody handled.
             await self.transport.rewind(tp.partition)
@@ -241,14 +366,33 @@ class StageWorker:
 
     async def _on_assigned(self, assigned: set[Any]) -> None:
         """Restore each new partition's table before any of its records is handled."""
-        # The lock keeps the fetch loop out until every table is restored: records of a
-        # partition whose table is not ready yet must not be fetched and dropped.
-        async with self._lock:
-            for tp in sorted(assigned):
-                if tp.partition not in self.table.partitions:
-                    await self.transport.claim(tp.partition)
-                    await self._restore(tp.partition)
+        if self._fatal is not None or self._stopping:
+            return  # a fenced, failed or stopping worker takes nothing new
+        stats = self.stats
+        before = stats.state
+        try:
+            # The lock keeps the fetch loop out until every table is restored: records of a
+            # partition whose table is not ready yet must not be fetched and dropped.
+            async with self._lock:
+                if self._stopping:
+                    return
+                stats.state = "restoring"
+                for tp in sorted(assigned):
+                    if tp.partition not in self.table.partitions:
+                        await self.transport.claim(tp.partition)
+                        await self._restore(tp.partition)
+                if before == "paused":
+                    self.transport.pause()  # new partitions wait out the pause too
+                stats.state = before if before in ("paused", "probing") else "running"
+        except Exception as exc:  # aiokafka would log it and go on with a half-built state
+            self._fail(exc, "taking over partitions")
+            return
         log.info("stage %s: partitions assigned: %s", self.node.name, _fmt(assigned))
+
+    async def _lost(self, partition: int) -> None:
+        """Its transaction was lost: rebuild its state; it is read again from the log."""
+        self.table.close(partition)
+        await self._restore(partition)
 
     async def _restore(self, partition: int) -> None:
         table, start = self.table.open(partition)
@@ -261,6 +405,7 @@ class StageWorker:
                     "stage %s: restoring partition %d: %d records", self.node.name, partition, n
                 )
         seconds = time.monotonic() - began
+        self.gauges()
         self.stats.restored += n
         self.stats.restore_seconds += seconds
         if n:
@@ -270,21 +415,39 @@ class StageWorker:
             )  # fmt: skip
 
     async def _on_revoked(self, revoked: set[Any]) -> None:
-        """Before partitions move: finish what we hold, make it durable, commit, drop state."""
-        async with self._lock:
-            await self._settle()
-            if self._lanes is not None:
-                await self._lanes.wait_idle()
-                await self._flush_and_commit()
-            for tp in revoked:
-                self._tracker.forget({tp.partition})
-                await self._close_partition(tp.partition)
+        """Before partitions move: finish what we hold, make it durable, commit, drop state.
+
+        Under exactly-once the current positions are committed once more, in a transaction
+        per partition: a zombie (fenced by the instance that took its partitions while it was
+        silent) finds out here, even when it had nothing new to commit, and stops.
+        """
+        try:
+            async with self._lock:
+                gone = {tp.partition for tp in revoked}
+                commits = self.commits
+                try:
+                    await commits.settle()
+                    if self._lanes is not None:
+                        await self._lanes.wait_idle()
+                        await commits.flush_finished()
+                    self.handler.holds.drop(gone)
+                    self.stats.held = len(self.handler.holds.held)
+                    if self.exactly_once and self._fatal is None:
+                        offsets = {p: o for p, o in commits.committed.items() if p in gone}
+                        await self.transport.commit(offsets, {})
+                finally:
+                    commits.forget(gone)
+                    for partition in gone:
+                        await self._close_partition(partition)
+        except Exception as exc:  # aiokafka would log and swallow it, and rejoin
+            self._fail(exc, "giving up partitions")
+            return
         log.info("stage %s: partitions revoked: %s", self.node.name, _fmt(revoked))
 
     async def _close_partition(self, partition: int) -> None:
         if partition not in self.table.partitions:
             return
-        if self.table.stores.persistent:
+        if self.table.stores.persistent and self._fatal is None:
             self.table.saved(partition, await self.transport.state_end(partition))
         self.table.close(partition)
         await self.transport.release(partition)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import BrokerError, TopicError
 from pipeline.runtime.kafka import partition_for as _murmur2_partition
+from pipeline.runtime.offsets import out_of_range
 from pipeline.runtime.transport import InMessage, RebalanceCallback, TopicPartition, Transport
 
 __all__ = ["MemoryBroker", "MemoryRecord", "MemoryTransport"]
@@ -70,6 +71,7 @@ class MemoryBroker:
     def __init__(self, *, clock: Callable[[], int] = _now_ms) -> None:
         self.clock = clock
         self._topics: dict[str, list[list[MemoryRecord]]] = {}
+        self._starts: dict[tuple[str, int], int] = {}  # log start offsets after deletions
         self._committed: dict[tuple[str, str, int], int] = {}
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -111,7 +113,21 @@ class MemoryBroker:
     def records(self, topic: str, partition: int | None = None) -> list[MemoryRecord]:
         """The records of ``topic`` (or one partition), partition by partition, in offset order."""
         parts = self._log(topic)
-        return [r for part in (parts if partition is None else [parts[partition]]) for r in part]
+        wanted = range(len(parts)) if partition is None else [partition]
+        return [r for p in wanted for r in parts[p][self.log_start(topic, p) :]]
+
+    def log_start(self, topic: str, partition: int) -> int:
+        """The first offset of a partition still in the log."""
+        return self._starts.get((topic, partition), 0)
+
+    def delete_records(self, topic: str, partition: int, before: int) -> int:
+        """Delete the records below offset ``before`` (as ``kafka-delete-records``); return how
+        many went. Offsets stay as they were: the log start moves up."""
+        end = len(self._log(topic)[partition])
+        start = self.log_start(topic, partition)
+        new_start = max(start, min(before, end))
+        self._starts[(topic, partition)] = new_start
+        return new_start - start
 
     def end_offsets(self, topic: str) -> dict[int, int]:
         """The next offset to be written, per partition."""
@@ -205,6 +221,7 @@ class MemoryTransport:
         self.flushes = 0
         self._started = False
         self._positions: dict[TopicPartition, int] = {}
+        self._paused: set[TopicPartition] = set()
         self._prepared: dict[str, int] = {}
         self._pending: list[_Pending] = []
         self._on_revoked: RebalanceCallback | None = None
@@ -231,7 +248,8 @@ class MemoryTransport:
     async def rewind(self, partition: int) -> None:
         """Read ``partition`` again from the group's committed offset."""
         done = self.broker.committed(self.group, self.input_topic)
-        self._positions[TopicPartition(self.input_topic, partition)] = done.get(partition, 0)
+        start = self.broker.log_start(self.input_topic, partition)  # never committed: earliest
+        self._positions[TopicPartition(self.input_topic, partition)] = done.get(partition, start)
 
     async def restore(
         self, partition: int, start: int
@@ -239,8 +257,8 @@ class MemoryTransport:
         """The state changelog records of ``partition`` from ``start`` to its end."""
         if self.state_topic is None or self.state_topic not in self.broker._topics:
             return
-        for record in self.broker.records(self.state_topic, partition)[start:]:
-            if record.key is not None:
+        for record in self.broker.records(self.state_topic, partition):
+            if record.offset >= start and record.key is not None:
                 yield record.key, record.value
 
     async def state_end(self, partition: int) -> int:
@@ -262,7 +280,7 @@ class MemoryTransport:
         old = self.assignment()
         if old and self._on_revoked is not None:
             await self._on_revoked(old)
-        self._positions = {}
+        self._positions, self._paused = {}, set()
         await self._assign(partitions)
 
     async def _assign(self, partitions: Iterable[int]) -> None:
@@ -271,7 +289,8 @@ class MemoryTransport:
         for p in partitions:
             if not 0 <= p < count:
                 raise TopicError(f"topic {self.input_topic} has no partition {p}")
-            self._positions[TopicPartition(self.input_topic, p)] = done.get(p, 0)
+            start = self.broker.log_start(self.input_topic, p)
+            self._positions[TopicPartition(self.input_topic, p)] = done.get(p, start)
         if self._on_assigned is not None:
             await self._on_assigned(self.assignment())
 
@@ -288,7 +307,16 @@ class MemoryTransport:
     def _take(self, room: int) -> dict[TopicPartition, list[MemoryRecord]]:
         batches: dict[TopicPartition, list[MemoryRecord]] = {}
         for tp in sorted(self._positions):
+            if tp in self._paused:
+                continue
             start = self._positions[tp]
+            log_start = self.broker.log_start(tp.topic, tp.partition)
+            end = len(self.broker._log(tp.topic)[tp.partition])
+            if not log_start <= start <= end:  # as Kafka answers OFFSET_OUT_OF_RANGE
+                raise out_of_range(
+                    tp.topic, tp.partition, position=start, start=log_start, end=end,
+                    group=self.group,
+                )  # fmt: skip
             msgs = self.broker._log(tp.topic)[tp.partition][start : start + max(room, 0)]
             if msgs:
                 batches[tp] = msgs
@@ -299,6 +327,38 @@ class MemoryTransport:
     def assignment(self) -> set[Any]:
         """The input partitions this member owns."""
         return set(self._positions)
+
+    def caught_up(self) -> bool:
+        """Whether every owned partition was fetched to its end (nothing left to read)."""
+        ends = {tp: len(self.broker._log(tp.topic)[tp.partition]) for tp in self._positions}
+        return all(self._positions[tp] >= end for tp, end in ends.items())
+
+    async def out_of_range(self, partitions: list[int]) -> list[Any]:
+        """Those of ``partitions`` whose committed offset is outside the log now."""
+        done = self.broker.committed(self.group, self.input_topic)
+        gaps = []
+        for p in partitions:
+            start = self.broker.log_start(self.input_topic, p)
+            end = len(self.broker._log(self.input_topic)[p])
+            if p in done and not start <= done[p] <= end:
+                gap = out_of_range(
+                    self.input_topic, p, position=done[p], start=start, end=end,
+                    group=self.group,
+                )  # fmt: skip
+                gaps.append(gap)
+        return gaps
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Read ``partition`` from ``offset`` next."""
+        self._positions[TopicPartition(self.input_topic, partition)] = offset
+
+    def pause(self) -> None:
+        """Fetch nothing from the owned partitions until :meth:`resume`."""
+        self._paused = set(self._positions)
+
+    def resume(self) -> None:
+        """Fetch from every owned partition again."""
+        self._paused = set()
 
     async def prepare_topic(self, topic: str) -> int:
         """Learn ``topic``'s partition count (:class:`TopicError` if it is missing)."""

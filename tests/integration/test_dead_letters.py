@@ -230,10 +230,13 @@ async def test_a_retry_storm_on_one_key_does_not_stall_other_keys(
     kafka_bootstrap: str, names: Names, tmp_path: Path
 ) -> None:
     others, storm = 30_000, 2
+    # Each storm record: 7 waits, 0.2 + 0.3 + 0.45 + 0.6 * 4 = 3.35 s. The first one dies as
+    # soon as its retries run out (other keys succeeded meanwhile); the second one fails when
+    # no other key is left to judge it by, so it waits for the breaker's verdict timeout (5 s).
     p, env = await setup(
         kafka_bootstrap, names, "storm", POISON_CONCURRENCY="8", POISON_ATTEMPTS="8",
-        POISON_BACKOFF="0.2", POISON_MAX_BACKOFF="0.6",
-    )  # fmt: skip  # each storm record: 7 waits, 0.2 + 0.3 + 0.45 + 0.6 * 4 = 3.35 s
+        POISON_BACKOFF="0.2", POISON_MAX_BACKOFF="0.6", POISON_VERDICT_S="5",
+    )  # fmt: skip
     sink, dead_topic = f"{p.name}.work", f"{p.name}.work.dlq"
     worker = StageProcess(REF, "work", kafka_bootstrap, env, tmp_path / "storm.log")
     try:

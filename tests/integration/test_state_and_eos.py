@@ -30,9 +30,14 @@ PAYLOAD = "p" * 150
 async def publish(
     bootstrap: str, topic: str, records: int, keys: int, *, first: int = 0, seqs: bool = False
 ) -> None:
-    """Publish events ``first .. first+records``; with ``seqs`` their seq is their number."""
+    """Publish events ``first .. first+records``; with ``seqs`` their seq is their number.
+
+    Every call publishes as the same writer (as one application would, restarted with a
+    stable identity), so an event published again with its seq is a retransmission.
+    """
     store = SchemaStore.from_directory(twostage.SCHEMAS)
-    async with Publisher(bootstrap, topic, store.codec(twostage.EVENT), "key") as pub:
+    codec = store.codec(twostage.EVENT)
+    async with Publisher(bootstrap, topic, codec, "key", writer="two-stage-tests") as pub:
         for i in range(first, first + records):
             value = {"key": f"k{i % keys}", "n": i, "hops": 0, "payload": PAYLOAD}
             await pub.publish(value, seq=i + 1 if seqs else None)

@@ -18,7 +18,7 @@ from pipeline.runtime.state import (
     REPLAY_PREFIX,
     PartitionTable,
 )
-from pipeline.stage import DeadLetterPolicy
+from pipeline.stage import DeadLetterPolicy, DedupPolicy
 from pipeline.testing import TestDriver
 
 SCHEMA = {
@@ -266,11 +266,11 @@ def test_a_record_replayed_to_another_stage_is_parked_like_a_new_one() -> None:
 
 
 def test_park_entries_restore_and_tombstone_through_the_changelog() -> None:
-    table = PartitionTable(0, {}, ttl_ms=1000, max_ids=10)
+    table = PartitionTable(0, {}, DedupPolicy(ttl=1, max_ids=10))
     park = Park("", "p.in", 0, 7, "ValueError")
     table.park(b"k", park.encode())
     table.remember_replayed(b"s-id", 5)
-    restored = PartitionTable(0, {}, ttl_ms=1000, max_ids=10)
+    restored = PartitionTable(0, {}, DedupPolicy(ttl=1, max_ids=10))
     for key, value in table.take_dirty().items():
         restored.apply(key, value, 0)
     assert Park.decode(restored.parked(b"k") or b"") == park

@@ -22,7 +22,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline import Pipeline, RetryPolicy, SchemaStore, StageError, TopicPolicy, stage
+from pipeline import (
+    BreakerPolicy,
+    Pipeline,
+    RetryPolicy,
+    SchemaStore,
+    StageError,
+    TopicPolicy,
+    stage,
+)
 from pipeline.stage import DeadLetterPolicy
 
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -81,6 +89,8 @@ def build(name: str | None = None) -> Pipeline:
         "on_dead_letter": DeadLetterPolicy.park()
         if env.get("POISON_PARK") == "1"
         else DeadLetterPolicy.proceed(),
+        # How long a failed record with no other key to judge it by waits for a verdict.
+        "breaker": BreakerPolicy(verdict_timeout=float(env.get("POISON_VERDICT_S", "60"))),
     }
     if concurrency > 1:
 

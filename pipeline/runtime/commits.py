@@ -1,0 +1,142 @@
+"""What a stage worker commits, and when: outputs, state changelog and offsets, never past a
+record that is not finished.
+
+At most one commit is in flight; the inline worker starts a batch's commit and lets it run
+while the next batch is fetched and handled (:meth:`Commits.start`, then :meth:`Commits.settle`
+before the next one starts). Offsets come from two places:
+
+- inline: the end of each handled batch (:meth:`Commits.offsets`), capped at the first record
+  the breaker holds (:mod:`pipeline.runtime.holds`); a partition whose holds ended is committed
+  even when no new record of it came;
+- key lanes: :class:`~pipeline.runtime.lanes.OffsetTracker`, which only passes records whose
+  outputs are durable (:meth:`Commits.flush_finished`).
+
+An exactly-once commit can be *lost* (its transaction did not commit): the partition is read
+again from its committed offset, with its state restored (``on_lost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+
+from pipeline.runtime.holds import Holds
+from pipeline.runtime.lanes import OffsetTracker
+from pipeline.runtime.state import StateTable
+from pipeline.runtime.stats import StageStats
+from pipeline.runtime.transport import Transport
+
+
+class Commits:
+    """The commit bookkeeping of one worker.
+
+    Args:
+        transport: Where commits go.
+        table: The state table (its changes ride along with each commit).
+        stats: Counts commits.
+        holds: Records held by the breaker (no commit passes them).
+        on_lost: Called for a partition whose transaction was lost, after its buffers and
+            bookkeeping are dropped: restore its state (it is read again from the log).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        table: StateTable,
+        stats: StageStats,
+        holds: Holds,
+        on_lost: Callable[[int], Awaitable[None]],
+    ) -> None:
+        self.transport = transport
+        self.table = table
+        self.stats = stats
+        self.holds = holds
+        self.tracker = OffsetTracker()
+        self._on_lost = on_lost
+        self._lock = asyncio.Lock()
+        self._inflight: asyncio.Task[set[int]] | None = None
+        self._handled: dict[int, int] = {}  # inline: next offset per partition, handled
+        self.committed: dict[int, int] = {}  # offsets last handed to a commit
+
+    @property
+    def finished_in_flight(self) -> bool:
+        """Whether a commit is in flight and done (the idle loop accounts for it)."""
+        return self._inflight is not None and self._inflight.done()
+
+    def offsets(self, handled: dict[int, int]) -> dict[int, int]:
+        """Inline: the offsets to commit after a batch that handled up to ``handled``: never
+        past a held record, and only where they moved."""
+        self._handled.update(handled)
+        first = self.holds.first_offsets()
+        committed = self.committed
+        moved = {}
+        for p, offset in self._handled.items():
+            capped = min(offset, first.get(p, offset))
+            if committed.get(p) != capped:
+                moved[p] = capped
+        return moved
+
+    def handled(self, partition: int, offset: int) -> None:
+        """Inline: ``partition`` is handled up to ``offset`` (e.g. after an offset reset)."""
+        self._handled[partition] = offset
+
+    async def start(self, offsets: dict[int, int]) -> None:
+        """Start committing everything handled so far; at most one commit is in flight."""
+        tables = self.table.partitions
+        state = {p: tbl.take_dirty() for p, tbl in tables.items() if tbl.pending}
+        self.committed.update(offsets)
+        self._inflight = asyncio.create_task(self.transport.commit(offsets, state))
+        # Let the commit take its snapshot (the transport swaps its buffers before its first
+        # await) before anything else is appended: records handled from now on belong to the
+        # next commit, even under exactly-once.
+        await asyncio.sleep(0)
+
+    async def settle(self, handled_since: dict[int, int] | None = None) -> None:
+        """Wait for the commit in flight; deal with partitions whose transaction was lost.
+
+        Args:
+            handled_since: Offsets of a batch handled while the commit ran; a lost
+                partition's entry is dropped (its records are read again from the log).
+        """
+        task, self._inflight = self._inflight, None
+        if task is None:
+            return
+        lost = await task
+        self.stats.commits += 1
+        for partition in lost:  # EOS: the transaction did not commit; start over from the log
+            if handled_since is not None:
+                handled_since.pop(partition, None)
+            self.forget([partition])
+            self.transport.discard(partition)  # outputs handled since then are void too
+            await self._on_lost(partition)
+
+    async def commit(self, offsets: dict[int, int]) -> None:
+        """Commit now and wait for it."""
+        await self.start(offsets)
+        await self.settle()
+
+    async def flush_finished(self) -> None:
+        """Key lanes: commit the records finished since the last commit."""
+        async with self._lock:
+            # Nothing awaits between taking the finished records and the transport's commit
+            # swapping out its buffers, so the outputs made durable are exactly those of
+            # ``done``; records finishing meanwhile go to the next commit.
+            # The positions count ``done`` as durable: the transport makes outputs durable
+            # before it commits offsets, and a failure there stops the worker.
+            done = self.tracker.take_finished()
+            if not done and not any(t.pending for t in self.table.partitions.values()):
+                return  # nothing finished since the last commit
+            await self.commit(self.tracker.made_durable(done))
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Partitions that are read again from their committed offset, or not ours any more."""
+        gone = set(partitions)
+        self.tracker.forget(gone)
+        for p in gone:
+            self._handled.pop(p, None)
+            self.committed.pop(p, None)
+
+    def rewound(self) -> None:
+        """Every partition is read again from its committed offset (after a trip)."""
+        self.tracker.clear()
+        self._handled.clear()

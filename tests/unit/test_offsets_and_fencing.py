@@ -1,0 +1,154 @@
+"""Positions gone from the log stop a stage (or skip on, counted); fences always stop it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from pipeline import (
+    FencedError,
+    OffsetOutOfRangeError,
+    OffsetReset,
+    Pipeline,
+    SchemaStore,
+    stage,
+)
+from pipeline.errors import BrokerError, ConfigError
+from pipeline.runtime.offsets import out_of_range
+from pipeline.runtime.worker import StageWorker
+from pipeline.testing import TestDriver
+from pipeline.testing.memory import MemoryBroker, MemoryTransport
+
+SCHEMA = {
+    "type": "record",
+    "name": "t.Event",
+    "fields": [{"name": "id", "type": "string"}, {"name": "n", "type": "int"}],
+}
+
+
+def one_stage() -> Pipeline:
+    store = SchemaStore()
+    store.add(SCHEMA)
+
+    @stage(input="t.Event", output="t.Event")
+    def keep(event: dict[str, Any]) -> dict[str, Any]:
+        return event
+
+    return Pipeline("p", source="p.in", key="id", schemas=store) | keep
+
+
+def stopped_stage_then_deleted(reset: OffsetReset) -> TestDriver:
+    """5 records handled and committed, 5 more published, then offsets 0..7 deleted."""
+    driver = TestDriver(one_stage(), offset_reset=reset)
+    for n in range(5):
+        driver.send({"id": "k", "n": n})
+    driver.run()
+    for n in range(5, 10):
+        driver.send({"id": "k", "n": n})
+    [rec] = driver.records("p.in")[:1]
+    assert driver.broker.delete_records("p.in", rec.partition, 8) == 8
+    return driver
+
+
+def test_a_position_below_the_log_start_stops_the_stage_by_default() -> None:
+    driver = stopped_stage_then_deleted(OffsetReset.fail())
+    with pytest.raises(OffsetOutOfRangeError) as caught:
+        driver.run()
+    err = caught.value
+    assert (err.position, err.start, err.end, err.lost) == (5, 8, 10, 3)
+    text = str(err)
+    assert "below the log start 8: 3 records were deleted" in text
+    assert "--offset-reset earliest" in text and "stopped without skipping" in text
+    assert [v["n"] for v in driver.outputs()] == [0, 1, 2, 3, 4]
+
+
+def test_earliest_skips_exactly_the_deleted_records_and_counts_them() -> None:
+    driver = stopped_stage_then_deleted(OffsetReset.earliest())
+    stats = driver.run()["keep"]
+    assert [v["n"] for v in driver.outputs()] == [0, 1, 2, 3, 4, 8, 9]
+    assert stats.skipped == 3
+
+
+def test_latest_skips_to_the_end_and_counts_it() -> None:
+    driver = stopped_stage_then_deleted(OffsetReset.latest())
+    stats = driver.run()["keep"]
+    assert [v["n"] for v in driver.outputs()] == [0, 1, 2, 3, 4]
+    assert stats.skipped == 5
+
+
+def test_past_the_end_says_so() -> None:
+    err = out_of_range("t", 2, position=50, start=0, end=20, group="g")
+    assert "past the log end 20" in str(err) and err.lost == 0
+    assert OffsetReset.earliest().seek_to(err) == (0, 0)
+
+
+def test_offset_reset_parses_the_cli_words() -> None:
+    assert OffsetReset.parse(" Latest ") == OffsetReset.latest()
+    with pytest.raises(ConfigError, match="fail, earliest or latest"):
+        OffsetReset.parse("smallest")
+
+
+class FencedOnRevoke(MemoryTransport):
+    """A transport whose commits fail as a fenced producer's would, once ``fenced`` is set."""
+
+    fenced = False
+
+    async def commit(self, offsets: Any, state: Any) -> set[int]:
+        if self.fenced:
+            raise FencedError("another instance took over partition 0 (test)", partition=0)
+        return await super().commit(offsets, state)
+
+
+class FailsToClaim(MemoryTransport):
+    """A transport whose partition take-over fails once ``broken`` is set."""
+
+    broken = False
+
+    async def claim(self, partition: int) -> None:
+        if self.broken:
+            raise BrokerError("starting a transactional producer: timed out", partition=partition)
+
+
+@pytest.mark.parametrize(
+    ("transport_type", "exactly_once", "error", "match"),
+    [
+        (FencedOnRevoke, True, FencedError, "took over"),
+        (FailsToClaim, False, BrokerError, "transactional producer"),
+    ],
+)
+async def test_an_error_in_a_rebalance_callback_stops_the_worker(
+    transport_type: type[Any], exactly_once: bool, error: type[Exception], match: str
+) -> None:
+    """aiokafka logs and swallows errors raised in rebalance callbacks; the worker must not
+    go on with stale or half-built state but stop with the error. Under exactly-once the
+    revocation commits the positions again, so a zombie meets its fence there."""
+    pipeline = one_stage()
+    node = pipeline.nodes()[0]
+    broker = MemoryBroker()
+    for topic in (node.input_topic, node.output_topic, node.dlq_topic, node.state_topic):
+        assert topic is not None
+        broker.create_topic(topic, 1)
+    transport = transport_type(
+        broker, group=node.group, input_topic=node.input_topic, state_topic=node.state_topic
+    )
+    worker = StageWorker(node, pipeline.schemas, transport, exactly_once=exactly_once)
+    codec = pipeline.schemas.codec("t.Event")
+    broker.produce(
+        node.input_topic, b"k", codec.encode({"id": "k", "n": 1}), [("seq", b"\0" * 7 + b"\1")]
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    async with asyncio.timeout(5):
+        while True:  # until the record is handled and committed
+            await asyncio.sleep(0.005)
+            if not broker.lag(node.group, node.input_topic):
+                break
+    transport.fenced = transport.broken = True
+    await transport.rebalance([0])  # revoke, then assign again
+    with pytest.raises(error, match=match):
+        async with asyncio.timeout(5):
+            await task
+    assert worker.stats.state == "failed"
+    assert worker.table.partitions == {}  # no state kept, none restored after the fence

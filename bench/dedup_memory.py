@@ -195,7 +195,7 @@ def _fill(variant: str, blob: bytes, w: int, n: int, batch: int) -> tuple[Any, i
         path = Path(tempfile.mkdtemp(prefix="bench-ids-"))
         store: Any = Rdict(str(path / "ids"))
         table = PartitionTable(0, store, policy, persistent=True)
-        table.bench_path = path
+        _ROCKS_DIRS[id(table)] = path
     if variant == "id_sketch":
         table = IdSketch(ttl_ms=7 * 24 * 3600 * 1000, max_ids=2 * n)
     if variant == "seq_table":
@@ -217,9 +217,12 @@ def _fill(variant: str, blob: bytes, w: int, n: int, batch: int) -> tuple[Any, i
     return table, len(table.ids)
 
 
+_ROCKS_DIRS: dict[int, Path] = {}  # id(table) -> its RocksDB directory (id_rocks)
+
+
 def _close(structure: Any) -> int:
     """Close a RocksDB-backed table; return its bytes on disk (0 for memory structures)."""
-    path = getattr(structure, "bench_path", None)
+    path = _ROCKS_DIRS.pop(id(structure), None)
     if path is None:
         return 0
     structure.store.close()

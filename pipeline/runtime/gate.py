@@ -9,8 +9,9 @@ buffered, filtered, or dead-lettered), so the state table never runs ahead of th
 - replayed records by their replay identity, and parked keys in park mode
   (:mod:`pipeline.runtime.parking`).
 
-A *mark* says what to remember: ``False`` (nothing), ``(writer, position)``, an event id
-(``bytes``) or a :class:`~pipeline.runtime.parking.ReplayMark`; ``None`` from :meth:`Gate.check`
+A *mark* says what to remember: ``False`` (nothing), a sequence position (``int``; the writer
+comes with it to :meth:`Gate.remember`), an event id (``bytes``) or a
+:class:`~pipeline.runtime.parking.ReplayMark`; ``None`` from :meth:`Gate.check`
 means a duplicate (counted, dropped).
 """
 
@@ -85,7 +86,7 @@ class Gate:
                         "stage %s: sequence gap for key %r of writer %r at seq %d (%d gaps so "
                         "far)", self.name, msg.key, writer, seq, self.stats.gaps,
                     )  # fmt: skip
-            return (writer, pos)
+            return pos
         if self._by_id and eid is not None:
             if table.seen_id(eid, now_ms()):
                 self.stats.duplicates += 1
@@ -93,25 +94,27 @@ class Gate:
             return eid
         return False  # no dedup for this record
 
-    def remember(self, msg: Any, table: PartitionTable, mark: Any, now: int) -> None:
+    def remember(self, msg: Any, table: PartitionTable, mark: Any, writer: bytes, now: int) -> None:
         """The record is handled: later copies of it are duplicates."""
         if mark is False:
             return
         kind = type(mark)
-        if kind is tuple:
-            table.remember_sequence(msg.key, mark[0], mark[1], now)
+        if kind is int:
+            table.remember_sequence(msg.key, writer, mark, now)
         elif kind is ReplayMark:
             mark.done(table, msg.key, now_ms())
         else:
             table.remember_id(mark, now_ms())
 
-    def dead(self, msg: Any, exc: BaseException, table: Any, mark: Any, now: int) -> None:
+    def dead(
+        self, msg: Any, exc: BaseException, table: Any, mark: Any, writer: bytes, now: int
+    ) -> None:
         """The record was dead-lettered: remember it as handled, park its key (park mode)."""
         replay = ""
         if type(mark) is ReplayMark:
             replay = mark.replay  # not remembered: a later replay may process it
         else:
-            self.remember(msg, table, mark, now)
+            self.remember(msg, table, mark, writer, now)
         if self._parks and msg.key is not None:
             park = Park(replay, msg.topic, msg.partition, msg.offset, error_class(exc))
             table.park(msg.key, park.encode())
@@ -158,7 +161,7 @@ class Gate:
         if raw is None:
             return mark
         self._park(msg, Park.decode(raw))
-        self.remember(msg, table, mark, now_ms())  # handled: a redelivered copy is a duplicate
+        self.remember(msg, table, mark, writer, now_ms())  # handled: a redelivered copy is a dup
         return None
 
     def _park(self, msg: Any, park: Park) -> None:

@@ -91,22 +91,26 @@ class RecordHandler:
         if self._plain:
             await self._plain_batch(msgs, table)
             return
-        decode, invoke, stats, gate, holds = (
-            self._decode, self._invoke, self.stats, self._gate.check, self.holds,
+        decode, invoke, stats, holds, now = (
+            self._decode, self._invoke, self.stats, self.holds, self._now,
         )  # fmt: skip
+        check, remember = self._gate.check, self._gate.remember
+        # Holds change only when a call fails or a release runs (a sync stage has no lanes):
+        # read their state once, and again after those.
+        active = holds.active
         for msg in msgs:
-            if holds.active and holds.blocks(msg):
+            if active and holds.blocks(msg):
                 holds.behind(msg, table)  # its key waits for a verdict on an earlier record
                 continue
             stats.consumed += 1
             seq, part, eid, replay, writer = _ids(msg.headers)
-            mark = gate(msg, table, seq, part, eid, replay, writer)
+            mark = check(msg, table, seq, part, eid, replay, writer)
             if mark is None:
                 continue
             try:
                 value = decode(msg.value)
             except CodecError as exc:
-                self._dead(msg, exc, 0, table, mark)
+                self._dead(msg, exc, 0, table, mark, writer)
                 continue
             record = self._context(msg, value, seq, eid, table)
             try:
@@ -115,24 +119,27 @@ class RecordHandler:
                     result = list(result)
             except Exception as exc:
                 result = await self._retry_or_dead_letter(msg, record, exc, mark)
+                active = holds.active
                 if result is _DEAD or result is _HELD:
                     continue
-            if holds.held:
+            if active and holds.held:
                 await self.release()  # a call succeeded: the held records get their verdict
+                active = holds.active
             try:
                 self.output.emit(msg, result, part)
             except CodecError as exc:  # an output that breaks the output schema
-                self._dead(msg, exc, 1, table, mark)
+                self._dead(msg, exc, 1, table, mark, writer)
                 continue
-            self._remember(msg, table, mark)
+            remember(msg, table, mark, writer, now)
 
     async def _plain_batch(self, msgs: list[Any], table: PartitionTable) -> None:
         """:meth:`handle_sync_batch` for the plain case, with the common result inlined."""
         decode, fn, encode, stats = self._decode, self._fn, self._encode, self.stats
         out, append, keep = self._out, self.transport.append, self.output.keep_partition
         holds = self.holds
+        active = holds.active  # as in handle_sync_batch: refreshed after failures, releases
         for msg in msgs:
-            if holds.active and holds.blocks(msg):
+            if active and holds.blocks(msg):
                 holds.behind(msg, table)
                 continue
             stats.consumed += 1
@@ -149,10 +156,12 @@ class RecordHandler:
                 seq, _part, eid, _replay, _writer = _ids(msg.headers)
                 record = self._context(msg, value, seq, eid, table)
                 result = await self._retry_or_dead_letter(msg, record, exc, False)
+                active = holds.active
                 if result is _DEAD or result is _HELD:
                     continue
-            if holds.held:
+            if active and holds.held:
                 await self.release()
+                active = holds.active
             try:
                 if type(result) is dict and keep and encode is not None and out is not None:
                     data = encode(result)
@@ -193,7 +202,7 @@ class RecordHandler:
         try:
             value = self._decode(msg.value)
         except CodecError as exc:
-            self._dead(msg, exc, 0, table, mark)
+            self._dead(msg, exc, 0, table, mark, writer)
             return True
         record = self._context(msg, value, seq, eid, table)
         try:
@@ -210,24 +219,30 @@ class RecordHandler:
                 return True
         if holds.held:
             await self.release()
-        self._now = now
         try:
             self.output.emit(msg, result, part)
         except CodecError as exc:
-            self._dead(msg, exc, 1, table, mark)
+            self._dead(msg, exc, 1, table, mark, writer)
             return True
-        self._remember(msg, table, mark)
+        self._gate.remember(msg, table, mark, writer, now)
         return True
 
     # -- dead letters ------------------------------------------------------------------------
 
-    def _remember(self, msg: Any, table: PartitionTable, mark: Any) -> None:
-        self._gate.remember(msg, table, mark, self._now)
-
-    def _dead(self, msg: Any, exc: BaseException, attempts: int, table: Any, mark: Any) -> None:
+    def _dead(
+        self,
+        msg: Any,
+        exc: BaseException,
+        attempts: int,
+        table: Any,
+        mark: Any,
+        writer: bytes | None = None,
+    ) -> None:
         """Dead-letter a record, park its key (park mode) and remember it as handled."""
         self.dead_letter(msg, exc, attempts)
-        self._gate.dead(msg, exc, table, mark, self._now)
+        if writer is None:
+            writer = _ids(msg.headers)[4]
+        self._gate.dead(msg, exc, table, mark, writer, self._now)
 
     # -- failures ----------------------------------------------------------------------------
 
@@ -405,7 +420,7 @@ def _ids(headers: Any) -> tuple[int | None, int, bytes | None, bytes | None, byt
         if k == SEQ_HEADER:
             seq = decode_seq(v)
         elif k == WRITER_HEADER:
-            writer = writer_id(v)
+            writer = v if len(v) <= 64 else writer_id(v)
         elif k == ID_HEADER:
             eid = v
         elif k == PART_HEADER:

@@ -5,21 +5,14 @@ outputs durable, then the state changelog, then commits the offsets: a crash in 
 replays records whose outputs exist (the next stage's dedup table drops them) but never
 records state for outputs that do not exist.
 
-Exactly-once: one transactional producer per input partition, with the transactional id
-``<group>.<topic>.<partition>``, created when the partition is assigned; starting it fences any
-older instance (a zombie) that still holds that id. Outputs, changelog and offsets of a
-partition commit in one transaction. When a commit's outcome is unknown the producer is
-recreated (which completes or aborts the pending transaction) instead of aborting blindly, and
-the partition is rewound to its committed offset.
+Exactly-once: one transactional producer per input partition
+(:mod:`pipeline.runtime.transactions`): outputs, changelog and offsets of a partition commit in
+one transaction; a fence stops the worker.
 
 The consumer never resets its position silently (``auto_offset_reset="none"``): a partition the
 group never committed starts at its beginning, and a position below the log start or past its
 end is raised as :class:`~pipeline.errors.OffsetOutOfRangeError` for the worker's
 :class:`~pipeline.runtime.offsets.OffsetReset` policy to decide.
-
-A producer that is fenced, or in aiokafka's fatal state, raises
-:class:`~pipeline.errors.FencedError` on whatever path sees it first (send, commit, a new
-transaction); the worker then stops.
 """
 
 from __future__ import annotations
@@ -33,20 +26,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import errors as kerr
 from aiokafka.structs import TopicPartition as KafkaTP
 
-from pipeline.errors import BrokerError, FencedError, OffsetOutOfRangeError
-from pipeline.runtime.kafka import FENCED, BatchWriter, Listener, partition_for, translate
+from pipeline.errors import OffsetOutOfRangeError
+from pipeline.runtime.kafka import BatchWriter, Listener, partition_for, translate
 from pipeline.runtime.offsets import out_of_range
+from pipeline.runtime.transactions import PartitionProducers
 from pipeline.runtime.transport import Batching, RebalanceCallback
 
 log = logging.getLogger(__name__)
 
 _PARTITION_CACHE_LIMIT = 200_000
-_UNKNOWN_OUTCOME = (
-    kerr.KafkaTimeoutError,
-    kerr.RequestTimedOutError,
-    kerr.KafkaConnectionError,
-    kerr.NodeNotReadyError,
-)
 
 
 class KafkaTransport:
@@ -103,7 +91,10 @@ class KafkaTransport:
         self._producer = self._new_producer(None)  # at-least-once writes; metadata in EOS
         self._writer = BatchWriter(self._producer)
         self._state_writer = BatchWriter(self._producer)
-        self._txn: dict[int, tuple[AIOKafkaProducer, BatchWriter]] = {}  # EOS, per partition
+        self._txn = PartitionProducers(  # exactly-once: a producer per input partition
+            self._new_producer, input_topic=input_topic, group=group, state_topic=state_topic,
+            rewind=self.rewind, member=self._member,
+        )  # fmt: skip
         self._partitions: dict[str, int] = {}
         self._part_cache: dict[tuple[str, bytes], int] = {}
         self._started: list[Any] = []
@@ -134,8 +125,7 @@ class KafkaTransport:
             raise translate(exc, "starting the stage's Kafka clients", group=self.group) from exc
 
     async def stop(self) -> None:
-        for partition in list(self._txn):
-            await self.release(partition)
+        await self._txn.close()
         while self._started:
             client = self._started.pop()
             with contextlib.suppress(Exception):
@@ -147,23 +137,18 @@ class KafkaTransport:
         Starting the producer fences an older instance that used the same transactional id
         and completes or aborts its open transaction, so the changelog read next is final.
         """
-        if not self.exactly_once or partition in self._txn:
-            return
-        producer = self._new_producer(partition)
-        try:
-            await producer.start()
-        except kerr.KafkaError as exc:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            raise translate(exc, "starting a transactional producer", partition=partition) from exc
-        self._txn[partition] = (producer, BatchWriter(producer))
+        if self.exactly_once:
+            await self._txn.claim(partition)
 
     async def release(self, partition: int) -> None:
         """Give up an input partition (EOS: close its producer; nothing open is committed)."""
-        entry = self._txn.pop(partition, None)
-        if entry is not None:
-            with contextlib.suppress(Exception):
-                await entry[0].stop()
+        await self._txn.release(partition)
+
+    def _member(self) -> bool:
+        """Whether the group still knows this member (aiokafka resets its id when the group
+        answered that its session expired)."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        return coordinator is None or getattr(coordinator, "member_id", "x") != ""
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -321,15 +306,13 @@ class KafkaTransport:
     ) -> None:
         """Buffer an output of a record read from input partition ``source``."""
         if self.exactly_once:
-            self._txn[source][1].append(topic, partition, key, value, headers, timestamp)
+            self._txn.writer(source).append(topic, partition, key, value, headers, timestamp)
         else:
             self._writer.append(topic, partition, key, value, headers, timestamp)
 
     def discard(self, partition: int) -> None:
         """Drop what is buffered for input partition ``partition`` (its transaction was lost)."""
-        entry = self._txn.get(partition)
-        if entry is not None:
-            entry[1].discard()
+        self._txn.discard(partition)
 
     async def commit(
         self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]
@@ -345,21 +328,7 @@ class KafkaTransport:
             state and processes them again from the committed offset.
         """
         if self.exactly_once:
-            # Take every partition's snapshot before the first await: records handled while
-            # the transactions run belong to the next commit.
-            snapshots = {}
-            for partition in sorted(self._txn):  # offsets of released partitions are void
-                writer = self._txn[partition][1]
-                for key, value in state.get(partition, {}).items():
-                    writer.append(self.state_topic, partition, key, value, (), None)
-                snapshots[partition] = writer.take()
-            lost = set()
-            for partition, batches in snapshots.items():
-                if not batches and partition not in offsets:
-                    continue
-                if not await self._commit_transaction(partition, offsets.get(partition), batches):
-                    lost.add(partition)
-            return lost
+            return await self._txn.commit(offsets, state)
         await self._writer.flush()
         for partition, updates in state.items():
             for key, value in updates.items():
@@ -382,77 +351,3 @@ class KafkaTransport:
             log.warning("group %s: commit failed after a rebalance: %s", self.group, exc)
         except kerr.KafkaError as exc:
             raise translate(exc, "committing offsets", group=self.group) from exc
-
-    async def _commit_transaction(
-        self, partition: int, offset: int | None, batches: list[tuple[Any, str, int]]
-    ) -> bool:
-        entry = self._txn.get(partition)
-        if entry is None:  # released meanwhile (revoked): its new owner reads it again
-            return False
-        producer, writer = entry
-        ok = False
-        try:
-            ok = await self._transaction(producer, writer, batches, partition, offset)
-            return ok
-        finally:
-            if not ok:  # nothing buffered for a lost transaction may leak into the next
-                writer.discard()
-
-    async def _transaction(
-        self,
-        producer: AIOKafkaProducer,
-        writer: BatchWriter,
-        batches: list[tuple[Any, str, int]],
-        partition: int,
-        offset: int | None,
-    ) -> bool:
-        try:
-            if producer._txn_manager.is_fatal_error():  # fenced earlier, e.g. by a send
-                raise kerr.ProducerFenced()
-            await producer.begin_transaction()
-            await writer.send(batches)
-            if offset is not None:
-                await producer.send_offsets_to_transaction(
-                    {KafkaTP(self.input_topic, partition): offset}, self.group
-                )
-            await producer.commit_transaction()
-            return True
-        except (*FENCED, FencedError) as exc:
-            raise self._fenced(partition) from exc
-        except AssertionError as exc:  # aiokafka's state machine, after a fatal error
-            if producer._txn_manager.is_fatal_error():
-                raise self._fenced(partition) from exc
-            raise BrokerError(
-                f"transaction of partition {partition} in an invalid state: {exc}",
-                partition=partition, group=self.group,
-            ) from exc  # fmt: skip
-        except _UNKNOWN_OUTCOME as exc:
-            # The commit may or may not have happened: never abort blindly. A new producer
-            # with the same transactional id completes or aborts it; then we rewind to
-            # whatever offset is committed.
-            log.warning(
-                "partition %d: transaction outcome unknown (%s); recreating producer",
-                partition,
-                exc,
-            )
-            await self.release(partition)
-            await self.claim(partition)
-            await self.rewind(partition)
-            return False
-        except kerr.KafkaError as exc:
-            log.warning("partition %d: aborting transaction after %s", partition, exc)
-            with contextlib.suppress(kerr.KafkaError):
-                await producer.abort_transaction()
-            await self.rewind(partition)
-            if not getattr(exc, "retriable", False) and not isinstance(exc, kerr.InvalidTxnState):
-                raise BrokerError(f"transaction failed: {exc}", partition=partition) from exc
-            return False
-
-    def _fenced(self, partition: int) -> FencedError:
-        return FencedError(
-            f"another instance took over partition {partition} of {self.input_topic}: this "
-            f"one was fenced as a zombie (it was silent past its session timeout, or another "
-            f"process uses the same group). It stops; nothing of its open transaction is "
-            f"committed, and its partitions are processed by the instance that fenced it",
-            partition=partition, group=self.group,
-        )  # fmt: skip

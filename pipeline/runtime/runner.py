@@ -173,13 +173,27 @@ def _quiet_abandoned_kafka_futures() -> None:
     loop.set_exception_handler(handle)
 
 
+def dump_tasks() -> None:
+    """Log where every asyncio task of the process waits (``kill -USR1 PID``): what a stuck
+    stage is waiting for, without stopping it."""
+    for task in asyncio.all_tasks():
+        frames = task.get_stack(limit=12)
+        where = " <- ".join(
+            f"{f.f_code.co_name} ({Path(f.f_code.co_filename).name}:{f.f_lineno})"
+            for f in reversed(frames)
+        )
+        log.warning("task %s: %s", task.get_name(), where or "(not started)")
+
+
 @contextlib.contextmanager
 def _signals(stop: asyncio.Event):  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig, handler in (
+        (signal.SIGTERM, stop.set), (signal.SIGINT, stop.set), (signal.SIGUSR1, dump_tasks),
+    ):  # fmt: skip
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
             installed.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass

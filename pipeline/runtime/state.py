@@ -206,9 +206,14 @@ class PartitionTable:
         entry = self.store.get(SEQ_PREFIX + key)
         if entry is None:
             return NEW
-        last = writers.last_of(entry, writer)
-        if last is None:
-            return NEW
+        if type(entry) is tuple:  # one writer (inlined: this runs once per record)
+            if entry[0] != writer:
+                return NEW
+            last = entry[1]
+        else:
+            last = writers.last_of(entry, writer)
+            if last is None:
+                return NEW
         if pos <= last:
             return DUPLICATE
         return GAP if (pos >> _PART_BITS) > (last >> _PART_BITS) + 1 else NEW
@@ -216,14 +221,18 @@ class PartitionTable:
     def remember_sequence(self, key: bytes, writer: bytes, pos: int, now_ms: int) -> None:
         """``writer``'s record at ``pos`` is handled: later copies of it are duplicates."""
         skey = SEQ_PREFIX + key
-        entry, evicted = writers.updated(
-            self.store.get(skey), writer, pos, now=now_ms, ttl_ms=self.writer_ttl_ms,
-            max_writers=self.max_writers,
-        )  # fmt: skip
-        self.store[skey] = entry
+        store = self.store
+        entry = store.get(skey)
+        if entry is None or (type(entry) is tuple and entry[0] == writer):
+            entry = (writer, pos, now_ms)  # the common case, inlined
+        else:
+            entry, evicted = writers.updated(
+                entry, writer, pos, now_ms, self.writer_ttl_ms, self.max_writers
+            )
+            if evicted and self.stats is not None:
+                self.stats.writers_evicted += evicted
+        store[skey] = entry
         self._seq_dirty[skey] = entry
-        if evicted and self.stats is not None:
-            self.stats.writers_evicted += evicted
 
     def last_position(self, key: bytes, writer: bytes) -> int | None:
         """The last (sequence, part) position ``writer`` delivered for ``key``, or ``None``."""

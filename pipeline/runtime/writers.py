@@ -19,8 +19,8 @@ come back through :func:`decode` on restore, where expired writers are dropped t
 changelog forgets what memory forgot.
 
 Example:
-    >>> entry, forgotten = updated(None, b"w1", 5, now=1000, ttl_ms=10_000, max_writers=2)
-    >>> entry, _ = updated(entry, b"w2", 7, now=1001, ttl_ms=10_000, max_writers=2)
+    >>> entry, forgotten = updated(None, b"w1", 5, 1000, 10_000, 2)
+    >>> entry, _ = updated(entry, b"w2", 7, 1001, 10_000, 2)
     >>> last_of(entry, b"w1"), last_of(entry, b"w2"), last_of(entry, b"w3")
     (5, 7, None)
     >>> decode(encode(entry)) == entry
@@ -35,7 +35,7 @@ from typing import Any
 Entry = Any  # tuple[bytes, int, int] | dict[bytes, tuple[int, int]]
 
 _MAX_WRITER_BYTES = 64
-_FORMAT = 1
+_MANY, _ONE = 1, 2  # the first byte of an encoded entry
 
 
 def writer_id(raw: bytes) -> bytes:
@@ -54,7 +54,7 @@ def last_of(entry: Entry, writer: bytes) -> int | None:
 
 
 def updated(
-    entry: Entry | None, writer: bytes, pos: int, *, now: int, ttl_ms: int, max_writers: int
+    entry: Entry | None, writer: bytes, pos: int, now: int, ttl_ms: int, max_writers: int
 ) -> tuple[Entry, int]:
     """The entry after ``writer`` delivered ``pos``; and how many writers the bound evicted.
 
@@ -95,11 +95,33 @@ def expired(entry: Entry, now: int, ttl_ms: int) -> Entry | None:
     return live
 
 
+_HEADS: dict[bytes, bytes] = {}  # writer -> b"\x02" + len + writer (writers are few)
+
+
 def encode(entry: Entry) -> bytes:
-    """The changelog value of an entry."""
-    items = [entry] if type(entry) is tuple else [(w, p, s) for w, (p, s) in entry.items()]
-    out = bytearray((_FORMAT,))
-    for writer, pos, seen in items:
+    """The changelog value of an entry (at most once per key per commit: kept cheap).
+
+    One writer (format 2): ``0x02, len(writer), writer, seen (8 bytes), position``; several
+    (format 1): ``0x01`` then per writer ``len(writer), writer, len(position), position,
+    seen (8 bytes)``. Positions are signed big-endian integers.
+    """
+    if type(entry) is tuple:
+        writer: bytes
+        pos: int
+        seen: int
+        writer, pos, seen = entry
+        head = _HEADS.get(writer)
+        if head is None:
+            if len(_HEADS) > 10_000:
+                _HEADS.clear()
+            head = _HEADS[writer] = bytes((_ONE, len(writer))) + writer
+        return (
+            head
+            + seen.to_bytes(8, "big")
+            + pos.to_bytes(pos.bit_length() // 8 + 1, "big", signed=True)
+        )
+    out = bytearray((_MANY,))
+    for writer, (pos, seen) in entry.items():
         raw_pos = pos.to_bytes(pos.bit_length() // 8 + 1, "big", signed=True)
         out.append(len(writer))
         out += writer
@@ -115,7 +137,15 @@ def decode(raw: bytes) -> Entry:
     Raises:
         ValueError: The value is not in this format (a changelog written by another version).
     """
-    if not raw or raw[0] != _FORMAT:
+    if not raw:
+        raise ValueError("not a writer-positions entry")
+    if raw[0] == _ONE:
+        size = raw[1]
+        end = 2 + size
+        writer = raw[2:end]
+        seen = int.from_bytes(raw[end : end + 8], "big")
+        return (writer, int.from_bytes(raw[end + 8 :], "big", signed=True), seen)
+    if raw[0] != _MANY:
         raise ValueError("not a writer-positions entry")
     writers: dict[bytes, tuple[int, int]] = {}
     i, n = 1, len(raw)

@@ -358,7 +358,12 @@ async def test_a_zombie_that_comes_back_stops_with_the_fence_error(
         zombie.signal(signal.SIGSTOP)  # silent past its session timeout, mid-transaction
         await asyncio.sleep(12)  # the survivor takes its partitions, fencing its producers
         zombie.signal(signal.SIGCONT)  # it wakes up and carries on as if nothing happened
-        code = await asyncio.to_thread(zombie.proc.wait, 60)
+        try:
+            code = await asyncio.to_thread(zombie.proc.wait, 60)
+        except Exception:
+            zombie.signal(signal.SIGUSR1)  # its log then says where it is stuck
+            await asyncio.sleep(1)
+            raise
         await asyncio.sleep(2)
         flowing.clear()
         await publisher

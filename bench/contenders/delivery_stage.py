@@ -29,6 +29,7 @@ from pipeline.runtime import runner
 from pipeline.runtime.runner import RunOptions, run_stages
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.topics import ensure_topics, topic_specs
+from pipeline.runtime.transactions import PartitionProducers
 from pipeline.runtime.transport import Batching
 from pipeline.schema import SchemaStore
 
@@ -167,16 +168,23 @@ def clocked_transport(base: type[Any], clock: CommitClock) -> type[Any]:
                 clock.offsets_s += perf() - t0
             return out
 
-        async def _transaction(self, producer: Any, writer: Any, *args: Any) -> Any:
-            t0, buffered = perf(), writer.buffered
-            first = id(producer) not in seen
-            seen.add(id(producer))
-            out = await super()._transaction(producer, writer, *args)
-            if clock.in_window(t0):
-                clock.txn_ms.append((perf() - t0) * 1000)
-                clock.txn_records.append(buffered)
-                clock.txn_first.append(first)
-            return out
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            txn = self._txn  # the partition producers (pipeline.runtime.transactions)
+            transaction = txn._transaction
+
+            async def timed_transaction(producer: Any, writer: Any, *rest: Any) -> Any:
+                t0, buffered = perf(), writer.buffered
+                first = id(producer) not in seen
+                seen.add(id(producer))
+                out = await transaction(producer, writer, *rest)
+                if clock.in_window(t0):
+                    clock.txn_ms.append((perf() - t0) * 1000)
+                    clock.txn_records.append(buffered)
+                    clock.txn_first.append(first)
+                return out
+
+            txn._transaction = timed_transaction
 
         def _new_producer(self, partition: int | None) -> Any:
             producer = super()._new_producer(partition)
@@ -206,11 +214,16 @@ def _timed(
 def instrumented(clock: CommitClock) -> Iterator[None]:
     """Make ``run_stages`` build its transports as :func:`clocked_transport` ones."""
     base = getattr(runner, "KafkaTransport", None)
-    needed = ("fetch", "commit", "_transaction", "_new_producer", "_commit_offsets")
-    if not isinstance(base, type) or not all(hasattr(base, m) for m in needed):
+    needed = ("fetch", "commit", "_new_producer", "_commit_offsets")
+    if (
+        not isinstance(base, type)
+        or not all(hasattr(base, m) for m in needed)
+        or not hasattr(PartitionProducers, "_transaction")
+    ):
         raise RuntimeError(
             "pipeline.runtime.runner.KafkaTransport no longer has "
-            f"{', '.join(needed)}; update bench/contenders/delivery_stage.py"
+            f"{', '.join(needed)} (or PartitionProducers its _transaction); update "
+            f"bench/contenders/delivery_stage.py"
         )
     with mock.patch.object(runner, "KafkaTransport", clocked_transport(base, clock)):
         yield

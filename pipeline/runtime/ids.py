@@ -123,7 +123,7 @@ class StoreIds:
     order, so the oldest are found by a range scan instead of a Python structure.
     """
 
-    __slots__ = ("_count", "_oldest", "evicted", "max_ids", "store", "ttl_ms")
+    __slots__ = ("_count", "_looked_up", "_oldest", "evicted", "max_ids", "store", "ttl_ms")
 
     def __init__(self, store: MutableMapping[bytes, Any], ttl_ms: int, max_ids: int) -> None:
         self.store = store
@@ -133,14 +133,21 @@ class StoreIds:
         count = store.get(COUNT_KEY)
         self._count = int(count) if count is not None else 0
         self._oldest: int | None = None  # unknown: look on the next add
+        # The last lookup: the gate asks seen() and, once the record is handled, add() for the
+        # same id; a RocksDB read saved per record.
+        self._looked_up: tuple[bytes, Any] = (b"", None)
 
     def seen(self, event_id: bytes, now: int) -> bool:
         seen = self.store.get(ID_PREFIX + event_id)
+        self._looked_up = (event_id, seen)
         return seen is not None and now - int(seen) < self.ttl_ms
 
     def _put(self, event_id: bytes, now: int) -> None:
         store, key = self.store, ID_PREFIX + event_id
-        before = store.get(key)
+        looked_up, before = self._looked_up
+        if looked_up != event_id:
+            before = store.get(key)
+        self._looked_up = (b"", None)
         if before is None:
             self._count += 1
         else:
@@ -151,6 +158,7 @@ class StoreIds:
             self._oldest = now
 
     def _drop(self, event_id: bytes) -> None:
+        self._looked_up = (b"", None)
         store, key = self.store, ID_PREFIX + event_id
         before = store.get(key)
         if before is not None:

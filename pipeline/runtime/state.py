@@ -121,13 +121,19 @@ class RocksStores:
 
     def open(self, table: str, partition: int) -> MutableMapping[bytes, Any]:
         """Open the store; without a checkpoint its contents are unknown, so start empty."""
-        from rocksdict import Rdict
+        from rocksdict import Rdict, WriteOptions
 
         path = self._path(table, partition)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not (path.parent / f"{partition}.checkpoint").exists():
             shutil.rmtree(path, ignore_errors=True)  # no checkpoint: contents unknown, rebuild
-        return cast("MutableMapping[bytes, Any]", Rdict(str(path)))
+        store = Rdict(str(path))
+        # No write-ahead log: the changelog is the durable copy. A crash leaves no checkpoint,
+        # so the store is rebuilt; a clean close flushes the memtables (see close()).
+        options: Any = WriteOptions()  # its stub declares a method; at run time a property
+        options.disable_wal = True
+        store.set_write_options(options)
+        return cast("MutableMapping[bytes, Any]", store)
 
     def checkpoint(self, table: str, partition: int) -> int:
         # Read once and delete: while the store is open it runs ahead of any checkpoint, so a
@@ -147,6 +153,7 @@ class RocksStores:
         tmp.replace(file)
 
     def close(self, table: str, partition: int, store: MutableMapping[bytes, Any]) -> None:
+        store.flush()  # type: ignore[attr-defined]  # without a WAL, unflushed data would go
         store.close()  # type: ignore[attr-defined]
 
 

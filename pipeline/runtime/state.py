@@ -338,9 +338,22 @@ class PartitionTable:
         """The changelog updates since the last call (writer entries encoded once per key)."""
         dirty, self.dirty = self.dirty, {}
         if self._seq_dirty:
-            encode = writers.encode
+            # writers.encode, with its one-writer case inlined: this runs once per key per
+            # commit, and the entries of a batch share their "seen" time.
+            heads, head_of, encode = writers._HEADS, writers.head_of, writers.encode
+            last_seen, seen_raw = -1, b""
             for skey, entry in self._seq_dirty.items():
-                dirty[skey] = encode(entry)
+                if type(entry) is tuple:
+                    writer, pos, seen = entry
+                    if seen != last_seen:
+                        last_seen, seen_raw = seen, seen.to_bytes(8, "big")
+                    dirty[skey] = (
+                        (heads.get(writer) or head_of(writer))
+                        + seen_raw
+                        + pos.to_bytes(pos.bit_length() // 8 + 1, "big", signed=True)
+                    )
+                else:
+                    dirty[skey] = encode(entry)
             self._seq_dirty = {}
         return dirty
 

@@ -98,6 +98,14 @@ def expired(entry: Entry, now: int, ttl_ms: int) -> Entry | None:
 _HEADS: dict[bytes, bytes] = {}  # writer -> b"\x02" + len + writer (writers are few)
 
 
+def head_of(writer: bytes) -> bytes:
+    """The start of a one-writer entry's encoding (cached: writers are few)."""
+    if len(_HEADS) > 10_000:
+        _HEADS.clear()
+    head = _HEADS[writer] = bytes((_ONE, len(writer))) + writer
+    return head
+
+
 def encode(entry: Entry) -> bytes:
     """The changelog value of an entry (at most once per key per commit: kept cheap).
 
@@ -110,11 +118,7 @@ def encode(entry: Entry) -> bytes:
         pos: int
         seen: int
         writer, pos, seen = entry
-        head = _HEADS.get(writer)
-        if head is None:
-            if len(_HEADS) > 10_000:
-                _HEADS.clear()
-            head = _HEADS[writer] = bytes((_ONE, len(writer))) + writer
+        head = _HEADS.get(writer) or head_of(writer)
         return (
             head
             + seen.to_bytes(8, "big")

@@ -297,8 +297,8 @@ class PartitionTable:
         elif prefix == SEQ_PREFIX:
             try:
                 entry = writers.expired(writers.decode(value), now_ms, self.writer_ttl_ms)
-            except ValueError:
-                entry = None  # an older format: the key starts afresh
+            except (ValueError, IndexError):
+                entry = None  # not this format (an older changelog): the key starts afresh
             if entry is None:
                 discard(self.store, ckey)
                 self.dirty[ckey] = None

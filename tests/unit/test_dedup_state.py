@@ -208,3 +208,10 @@ def test_event_id_dedup_in_a_pipeline_with_a_tiny_ttl() -> None:
     driver.send({"id": "k", "n": 1}, event_id="e-1")
     stats = driver.run()["keep"]
     assert len(driver.outputs()) == 1 and stats.duplicates == 1
+
+
+def test_a_changelog_entry_in_another_format_starts_the_key_afresh() -> None:
+    table = PartitionTable(0, {})
+    for raw in (b"\x01\x05ab", b"\x09", b"\x02\x10"):  # truncated or unknown: never a crash
+        table.apply(b"\x00k", raw, now_ms=10**12)
+        assert table.last_position(b"k", b"") is None

@@ -188,7 +188,8 @@ class BreakerPolicy:
       ``max_probe_interval``; when a call succeeds it resumes, and every held record is handled
       again, nothing dead-lettered;
     - ``verdict_timeout`` seconds pass with neither: the held records are dead-lettered (a
-      poison record at the end of a burst does not wait forever).
+      poison record at the end of a burst does not wait forever), and their keys' waiting
+      records that fail too follow them without a new wait.
 
     Non-retriable errors (``StageError(retriable=False)``, undecodable records, outputs that
     break the schema) never wait: they go to the dead-letter topic at once. A burst of ``keys``

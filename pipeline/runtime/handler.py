@@ -82,6 +82,7 @@ class RecordHandler:
         self._releasing = asyncio.Lock()
         self._success_again = False
         self._last_chance: dict[int, int] = {}  # id(msg) -> attempts made before its hold
+        self._judged: set[tuple[int, bytes]] = set()  # keys judged poison in this release
 
     # -- the two entry points: a whole batch of a sync stage, one record of an async one --
 
@@ -284,7 +285,7 @@ class RecordHandler:
         if earlier is not None:  # its one more attempt failed while other calls succeed
             self._dead(msg, exc, attempt + earlier, record._table, mark)
             return _DEAD
-        if holds.enabled and _retriable(exc):
+        if holds.enabled and _retriable(exc) and (msg.partition, msg.key) not in self._judged:
             # Right after an outage (probing, or failing the way the outage did), a record
             # may have failed just before the dependency came back: one more attempt before
             # the poison verdict.
@@ -346,6 +347,7 @@ class RecordHandler:
     async def _release(self, items: list[Held], mode: str) -> None:
         holds = self.holds
         holds.block({(h.msg.partition, h.msg.key) for h in items if h.msg.key is not None})
+        judged = self._judged
         try:
             for i, h in enumerate(items):
                 try:
@@ -355,6 +357,10 @@ class RecordHandler:
                         assert h.exc is not None
                         self.stats.consumed += 1
                         self._dead(h.msg, h.exc, h.attempts, h.table, h.mark)
+                        if h.msg.key is not None:
+                            # Its key was judged poison: its records behind it that fail too
+                            # in this release go to the dead-letter topic without a new wait.
+                            judged.add((h.msg.partition, h.msg.key))
                         done = True
                     else:
                         if h.failed and mode == "last-chance":
@@ -370,6 +376,7 @@ class RecordHandler:
                     self.on_finished(h.msg)
         finally:
             holds.block(set())
+            judged.clear()
         self.stats.held = len(holds.held)
 
     async def _again(self, msg: Any, table: PartitionTable) -> bool:

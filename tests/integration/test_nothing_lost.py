@@ -414,7 +414,8 @@ async def test_a_dependency_down_for_20s_pauses_the_stage_and_loses_nothing(
     stats_file = tmp_path / "stats.json"
     stage = StageProcess(
         f"{APP}:http", "post", kafka_bootstrap,
-        {"LOSSLESS_PIPELINE": name, "LOSSLESS_URL": stub.url("/hook")},
+        # A poison record at the very end has no later key to judge it: it waits 10 s.
+        {"LOSSLESS_PIPELINE": name, "LOSSLESS_URL": stub.url("/hook"), "LOSSLESS_VERDICT_S": "10"},
         tmp_path / "post.log", ("--stats-file", str(stats_file)),
     )  # fmt: skip
     states: Counter[str] = Counter()

@@ -261,6 +261,25 @@ def test_records_behind_a_held_record_keep_their_key_order(failures: int) -> Non
     assert calls["a0"] == 1
 
 
+def test_a_poison_key_at_the_end_waits_for_one_verdict_not_one_per_record() -> None:
+    """Its records behind the head that the verdict timeout judged poison do not each wait."""
+
+    @stage(input="t.Event", output="t.Event", retry=RETRY)
+    def call(event: dict[str, Any]) -> dict[str, Any]:
+        if event["id"] == "bad":
+            raise ConnectionResetError("cannot handle it")
+        return event
+
+    driver = TestDriver(Pipeline("p", source="p.in", key="id", schemas=store()) | call)
+    driver.send({"id": "good", "n": 0})
+    for n in range(1, 5):
+        driver.send({"id": "bad", "n": n})
+    driver.run()
+    assert [d.value["n"] for d in driver.dead_letters()] == [1, 2, 3, 4]
+    retries = sum(driver.clock.waits)
+    assert driver.clock.now() - retries == BreakerPolicy().verdict_timeout  # one wait
+
+
 def test_non_retriable_errors_never_wait() -> None:
     @stage(input="t.Event", output="t.Event")
     def reject(event: dict[str, Any]) -> dict[str, Any]:

@@ -5,16 +5,19 @@ Environment (read here, by the test app, not by the framework):
 - ``LOSSLESS_PIPELINE``: the pipeline's name; ``LOSSLESS_DELIVERY``: at_least_once or
   exactly_once;
 - ``LOSSLESS_TTL``: event-id TTL in seconds (the ``ids`` pipeline);
-- ``LOSSLESS_URL``: the endpoint the ``http`` pipeline POSTs each record to.
+- ``LOSSLESS_URL``: the endpoint the ``http`` pipeline POSTs each record to;
+  ``LOSSLESS_VERDICT_S``: its breaker's verdict timeout (a poison record that no later key can
+  judge waits this long).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
-from pipeline import DedupPolicy, Pipeline, RetryPolicy, TopicPolicy, stage
+from pipeline import BreakerPolicy, DedupPolicy, Pipeline, RetryPolicy, TopicPolicy, stage
 from stages.io import http_post
 
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -58,4 +61,6 @@ def http(name: str | None = None, url: str | None = None) -> Pipeline:
         "post", url, input=EVENT, output=EVENT, concurrency=8,
         retry=RetryPolicy(max_attempts=3, initial_backoff=0.05, jitter=0),
     )  # fmt: skip
+    verdict = float(os.environ.get("LOSSLESS_VERDICT_S", "60"))
+    post = dataclasses.replace(post, breaker=BreakerPolicy(verdict_timeout=verdict))
     return _pipeline(name, None) | post

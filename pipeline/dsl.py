@@ -40,18 +40,44 @@ class Delivery(enum.Enum):
 class TopicPolicy:
     """How the pipeline's topics are created.
 
+    By default a topic gets ``min(3, brokers)`` replicas and ``min.insync.replicas`` of
+    ``min(2, replicas)``: on a replicated cluster an acknowledged record survives the loss of
+    a broker, and a write waits for a second copy; on one broker, one replica. Existing topics
+    are checked: their partition count must match, and their replication factor must be the
+    one asked for (or, by default, at least ``min(3, brokers)``).
+
     Example:
-        >>> TopicPolicy(partitions=6).replication
-        1
+        >>> TopicPolicy(partitions=6).replicas_for(brokers=5)
+        3
+        >>> TopicPolicy(replication=2).min_insync_for(brokers=5)
+        2
     """
 
     partitions: int = 3
-    replication: int = 1
+    replication: int | None = None  # None: min(3, brokers in the cluster)
+    min_insync: int | None = None  # None: min(2, replication)
     create: bool = True  # create missing topics when a stage starts
 
     def __post_init__(self) -> None:
-        if self.partitions < 1 or self.replication < 1:
-            raise DefinitionError("TopicPolicy: partitions and replication must be at least 1")
+        if self.partitions < 1:
+            raise DefinitionError("TopicPolicy: partitions must be at least 1")
+        for name in ("replication", "min_insync"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DefinitionError(f"TopicPolicy: {name} must be at least 1")
+        if self.replication and self.min_insync and self.min_insync > self.replication:
+            raise DefinitionError(
+                f"TopicPolicy: min_insync ({self.min_insync}) cannot exceed replication "
+                f"({self.replication}): no write could ever be acknowledged"
+            )
+
+    def replicas_for(self, brokers: int) -> int:
+        """The replication factor of a topic created on a cluster of ``brokers``."""
+        return self.replication or min(3, max(1, brokers))
+
+    def min_insync_for(self, brokers: int) -> int:
+        """The ``min.insync.replicas`` of a topic created on a cluster of ``brokers``."""
+        return self.min_insync or min(2, self.replicas_for(brokers))
 
 
 @dataclass(frozen=True, slots=True)

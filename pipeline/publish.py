@@ -2,7 +2,16 @@
 
 Each value is validated against the input schema, keyed by its sequence-key field, stamped with
 a per-key sequence number, the publisher's writer identity and an event id, and sent through an
-idempotent producer in batches.
+idempotent producer (acks=all) in batches.
+
+Two ways to publish, both durable:
+
+- ``await publish(value)`` returns once the event is durable (written to every in-sync replica)
+  or raises: an application may answer its own caller then. Calls that overlap (many requests,
+  many tasks) share batches: while one batch is in flight, the next one collects (a group
+  commit), so concurrency gives throughput without lingering;
+- ``buffer(value)`` only buffers, and ``await flush()`` makes everything buffered durable, for
+  loops that send many events and can retry a whole chunk (``publish_many`` does that).
 
 Sequence numbers are counted per writer: two replicas of an application publishing the same
 keys each have their own identity (random by default), and the pipeline's dedup tables keep
@@ -168,7 +177,7 @@ class Publisher:
         topic: The pipeline's input topic.
         codec: The input schema's codec (``store.codec("com.example.Order")``).
         key_field: The value field that is the sequence key.
-        batch_records: Records buffered before an automatic flush.
+        batch_records: Records per flush in :meth:`publish_many`.
         writer: This publisher's identity (random by default; see :func:`writer_identity`).
 
     Example:
@@ -201,6 +210,8 @@ class Publisher:
         # Created in __aenter__: aiokafka needs a running event loop (see SyncPublisher).
         self._producer: AIOKafkaProducer | None = None
         self._writer: BatchWriter | None = None
+        self._flush_lock = asyncio.Lock()
+        self._next_flush: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> Publisher:
         producer = self._producer = AIOKafkaProducer(
@@ -241,10 +252,29 @@ class Publisher:
         """Validate ``value`` and return its key bytes (see :meth:`Events.check`)."""
         return self._events.check(value)
 
+    def buffer(
+        self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
+    ) -> Stamp:
+        """Validate, stamp and buffer one event without sending it; :meth:`flush` sends.
+
+        Nothing buffered is durable before the next :meth:`flush` returns: call it regularly
+        (every few thousand events) and publish the chunk again if it raises (the stamps make
+        a retransmission a duplicate that the pipeline drops).
+
+        Raises:
+            EncodeError: The value breaks the schema; nothing was buffered.
+        """
+        key, data, headers = self._events.record(value, seq=seq, event_id=event_id)
+        writer = self._writer
+        if writer is None:
+            raise PipelineError("use the publisher inside 'async with Publisher(...)'")
+        writer.append(self.topic, partition_for(key, self._partitions), key, data, headers, None)
+        return Stamp(key, decode_seq(headers[0][1]), headers[2][1])
+
     async def publish(
         self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
     ) -> Stamp:
-        """Buffer one event (flushing when the buffer is full); return what it was stamped with.
+        """Publish one event; return once it is durable (acks=all), with its stamp.
 
         Args:
             value: The event; must match the input schema.
@@ -255,31 +285,63 @@ class Publisher:
             event_id: Its unique id; a random one when omitted.
 
         Raises:
-            EncodeError: The value breaks the schema; nothing was buffered.
+            EncodeError: The value breaks the schema; nothing was sent.
+            PipelineError: The event could not be made durable (e.g. no broker answered
+                within the producer's timeout); publish it again with the same stamp.
 
         Example:
             >>> stamp = await pub.publish(order)                       # doctest: +SKIP
             >>> await pub.publish(order, seq=stamp.seq, event_id=stamp.event_id)  # doctest: +SKIP
         """
-        key, data, headers = self._events.record(value, seq=seq, event_id=event_id)
-        writer = self._writer
-        if writer is None:
-            raise PipelineError("use the publisher inside 'async with Publisher(...)'")
-        part = partition_for(key, self._partitions)
-        writer.append(self.topic, part, key, data, headers, None)
-        if writer.buffered >= self.batch_records:
-            await self.flush()
-        return Stamp(key, decode_seq(headers[0][1]), headers[2][1])
+        stamp = self.buffer(value, seq=seq, event_id=event_id)
+        await self._group_flush()
+        return stamp
 
-    async def publish_many(self, values: Iterable[Any]) -> None:
-        """Publish several events (see :meth:`publish`)."""
+    async def publish_many(self, values: Iterable[Any]) -> list[Stamp]:
+        """Publish several events; return once all are durable (see :meth:`buffer`)."""
+        stamps = []
         for value in values:
-            await self.publish(value)
+            stamps.append(self.buffer(value))
+            if self._writer is not None and self._writer.buffered >= self.batch_records:
+                await self.flush()
+        await self.flush()
+        return stamps
 
     async def flush(self) -> None:
-        """Send everything buffered and wait until it is durable."""
+        """Send everything buffered and wait until it is durable (acks=all)."""
+        async with self._flush_lock:
+            await self._flush_now()
+
+    async def _flush_now(self) -> None:
         if self._writer is not None:
             self.sent += await self._writer.flush()
+
+    async def _group_flush(self) -> None:
+        """Wait for a flush that started after this caller's record was buffered.
+
+        The next flush is shared by every caller that buffers before it starts; it starts as
+        soon as the flush in flight (if any) is done, so records wait at most one round trip
+        plus the one in flight.
+        """
+        pending = self._next_flush
+        if pending is None:
+            pending = self._next_flush = asyncio.ensure_future(self._run_next_flush())
+            pending.add_done_callback(_retrieve)
+        await asyncio.shield(pending)
+
+    async def _run_next_flush(self) -> None:
+        async with self._flush_lock:  # after the flush in flight
+            await asyncio.sleep(0)  # callers scheduled in the same tick join this flush
+            # Records buffered from here on wait for the following flush; the writer takes
+            # its buffer synchronously at the start of _flush_now (no await in between).
+            self._next_flush = None
+            await self._flush_now()
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """A shared flush whose callers were all cancelled: its error is theirs, not asyncio's."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class SyncPublisher:
@@ -318,6 +380,14 @@ class SyncPublisher:
         self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
     ) -> Stamp:
         return self._runner.run(self._publisher.publish(value, seq=seq, event_id=event_id))
+
+    def buffer(
+        self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
+    ) -> Stamp:
+        return self._publisher.buffer(value, seq=seq, event_id=event_id)
+
+    def publish_many(self, values: Iterable[Any]) -> list[Stamp]:
+        return self._runner.run(self._publisher.publish_many(values))
 
     def flush(self) -> None:
         self._runner.run(self._publisher.flush())

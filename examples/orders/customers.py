@@ -78,7 +78,7 @@ class CustomerTable:
 
 
 def _default_bootstrap() -> str:
-    from pipeline.cli_pipeline import bootstrap_address  # the CLI's own fallback chain
+    from pipeline.cli.commands import bootstrap_address  # the CLI's own fallback chain
 
     return bootstrap_address(None)
 
@@ -91,7 +91,7 @@ def customer_topic(pipeline: str) -> str:
 def spec(topic: str, partitions: int = 3) -> TopicSpec:
     """The customers topic: compacted, so it keeps the latest row of every customer."""
     return TopicSpec(
-        topic, "customer table", partitions, 1,
+        topic, "customer table", partitions, None,
         {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
     )  # fmt: skip
 

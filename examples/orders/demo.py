@@ -204,13 +204,13 @@ class Demo:
                     if event.value is None:  # poison goes around the publisher's checks
                         sent.append(await raw.send(source, event.raw, key=event.key))
                     else:
-                        await pub.publish(event.value, seq=event.seq, event_id=event.event_id)
+                        pub.buffer(event.value, seq=event.seq, event_id=event.event_id)
                     self.published = n
                     if rate and (ahead := t0 + n / rate - time.monotonic()) > 0:
                         await pub.flush()  # paced: records must not wait in the buffer
                         await asyncio.sleep(ahead)
                     elif n % 2000 == 0:
-                        await asyncio.sleep(0)  # let the progress watcher run
+                        await pub.flush()  # durable in chunks; lets the progress watcher run
                 await pub.flush()
                 await asyncio.gather(*sent)
             finally:

@@ -6,7 +6,8 @@ broker on loopback, and :mod:`.select` picks the broker everything else talks to
 
 from pipeline.broker.jars import ensure_jars
 from pipeline.broker.local import BrokerStatus, LocalBroker, find_java
-from pipeline.broker.select import BrokerHandle, open_broker, probe
+from pipeline.broker.probe import probe
+from pipeline.broker.select import BrokerHandle, open_broker
 
 __all__ = [
     "BrokerHandle",

@@ -1,8 +1,13 @@
-"""A single-node Apache Kafka broker (KRaft, broker+controller) on 127.0.0.1.
+"""One Apache Kafka node (KRaft, broker and controller in one JVM) on 127.0.0.1.
 
-The broker runs as a detached JVM so that ``pipeline kafka start`` can return while it keeps
-running; its state (pid, ports) lives in ``state.json`` in its work directory, which is how
-``status`` and ``stop`` find it again.
+A node runs as a detached JVM so that ``pipeline kafka start`` can return while it keeps
+running; its state (pid, address) lives in ``state.json`` in its work directory, which is how
+``status`` and ``stop`` find it again. A node keeps its address: a restart (after a stop, a
+crash or a SIGKILL) reuses the ports written in its config, because every client and stage
+still dials that address; if something else took the port, the start fails and says so.
+
+Alone, a node is the single-node broker of tests and the demo; three of them with one
+:class:`Quorum` are the replicated cluster of :mod:`pipeline.broker.cluster`.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.broker.java import find_java, parse_java_major
-from pipeline.broker.select import probe
+from pipeline.broker.probe import probe
 from pipeline.errors import BrokerStartError, PortInUseError
 
-__all__ = ["BrokerStatus", "LocalBroker", "find_java", "free_port", "parse_java_major"]
+__all__ = [
+    "BrokerStatus", "LocalBroker", "Quorum", "find_java", "free_port", "new_cluster_id",
+    "parse_java_major",
+]  # fmt: skip
 _LOG4J2 = """status = error
 appender.out.type = Console
 appender.out.name = OUT
@@ -34,7 +42,11 @@ rootLogger.level = WARN
 rootLogger.appenderRef.out.ref = OUT
 logger.started.name = kafka.server.KafkaRaftServer
 logger.started.level = INFO
+logger.quorum.name = org.apache.kafka.raft.QuorumState
+logger.quorum.level = INFO
 """
+# The KRaft role of a node, from the last transition its quorum state logged.
+_TRANSITION = re.compile(rb"Completed transition to (\w+)")
 
 
 def free_port() -> int:
@@ -44,8 +56,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def check_port_free(port: int, role: str) -> None:
-    """Raise :class:`PortInUseError` when ``127.0.0.1:port`` is taken.
+def port_is_free(port: int) -> bool:
+    """Whether ``127.0.0.1:port`` can be bound.
 
     The probe binds with ``SO_REUSEADDR``, as the broker's JVM does: a port whose only
     sockets are in TIME_WAIT (a broker that just stopped) is free for a restart.
@@ -54,12 +66,48 @@ def check_port_free(port: int, role: str) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise PortInUseError(
-                f"Port {port} on 127.0.0.1 (the broker's {role} port) is already in use. Stop "
-                f"whatever listens there ('ss -ltnp | grep :{port}'), or choose another port "
-                f"(--port), or leave the port unset to pick a free one."
-            ) from exc
+        except OSError:
+            return False
+        return True
+
+
+def check_port_free(port: int, role: str, *, remembered: bool = False) -> None:
+    """Raise :class:`PortInUseError` when ``127.0.0.1:port`` is taken."""
+    if port_is_free(port):
+        return
+    if remembered:
+        raise PortInUseError(
+            f"Port {port} on 127.0.0.1 (the broker's {role} port, kept from its last run so "
+            f"that clients and stages find it again) is in use by another process. Stop "
+            f"whatever listens there ('ss -ltnp | grep :{port}'), or start afresh (--fresh) "
+            f"or on another port (--port) and point the clients at the new address."
+        )
+    raise PortInUseError(
+        f"Port {port} on 127.0.0.1 (the broker's {role} port) is already in use. Stop "
+        f"whatever listens there ('ss -ltnp | grep :{port}'), or choose another port "
+        f"(--port), or leave the port unset to pick a free one."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Quorum:
+    """The KRaft controller quorum a node belongs to (a local replicated cluster).
+
+    Args:
+        cluster_id: Shared by every node; their storage is formatted with it.
+        voters: ``(node id, controller port)`` of every voter.
+    """
+
+    cluster_id: str
+    voters: tuple[tuple[int, int], ...]
+
+    @property
+    def replication(self) -> int:
+        """The replication factor internal topics get: ``min(3, nodes)``."""
+        return min(3, len(self.voters))
+
+    def controller_port(self, node_id: int) -> int:
+        return dict(self.voters)[node_id]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +115,14 @@ class BrokerStatus:
     """What ``pipeline kafka status`` reports."""
 
     running: bool
+    node_id: int = 1
     answering: bool = False
     pid: int | None = None
     bootstrap: str | None = None
     rss_mb: float | None = None
     uptime_s: float | None = None
     workdir: Path | None = None
+    role: str | None = None  # KRaft: "leader" or "follower" of the controller quorum, ...
 
 
 class LocalBroker:
@@ -83,8 +133,11 @@ class LocalBroker:
         jars: Directory of the broker's jars (see :func:`pipeline.broker.ensure_jars`); only
             :meth:`start` needs it, :meth:`status` and :meth:`stop` work without.
         java: The ``java`` executable (see :func:`find_java`); only :meth:`start` needs it.
-        port: Client port; a free one when not given.
+        port: Client port; by default the one of the last run, else a free one.
         heap_mb: JVM heap (kept small: the broker is for one machine's tests).
+        node_id: This node's id.
+        quorum: The controller quorum of a replicated cluster (``None``: a single node that is
+            its own quorum).
 
     Example:
         >>> broker = LocalBroker(Path("/tmp/kafka"), jars=jars, java=java)  # doctest: +SKIP
@@ -100,12 +153,16 @@ class LocalBroker:
         java: Path | None = None,
         port: int | None = None,
         heap_mb: int = 384,
+        node_id: int = 1,
+        quorum: Quorum | None = None,
     ) -> None:
         self.workdir = workdir
         self.jars = jars
         self.java = java
         self.port = port
         self.heap_mb = heap_mb
+        self.node_id = node_id
+        self.quorum = quorum
         self._proc: subprocess.Popen[bytes] | None = None  # set when this object started it
 
     @property
@@ -123,17 +180,39 @@ class LocalBroker:
             PortInUseError: The client or controller port is taken.
             BrokerStartError: The JVM exited, or did not answer within ``timeout``.
         """
-        current = self.status()
+        bootstrap = self.launch()
+        self.wait(timeout)
+        return bootstrap
+
+    def launch(self) -> str:
+        """Start the JVM (or find it running) without waiting for it to answer.
+
+        A node of a replicated cluster cannot answer before a majority of its quorum runs:
+        the cluster launches every node first, then waits.
+        """
+        current = self.status(ask=False)
         if current.running and current.bootstrap:
             return current.bootstrap
         if self.jars is None or self.java is None:
             raise BrokerStartError("LocalBroker.start() needs both jars= and java=.")
         java, jars = self.java, self.jars
         self.workdir.mkdir(parents=True, exist_ok=True)
-        port = self.port or self._previous_port() or free_port()
-        check_port_free(port, "client")
-        controller = free_port()
-        check_port_free(controller, "controller")
+        previous = self.ports()
+        if self.port is not None:
+            port = self.port
+            check_port_free(port, "client")
+        elif previous is not None:
+            port = previous[0]
+            check_port_free(port, "client", remembered=True)
+        else:
+            port = free_port()
+        if self.quorum is not None:
+            controller = self.quorum.controller_port(self.node_id)
+        elif previous is not None:
+            controller = previous[1]
+        else:
+            controller = free_port()
+        check_port_free(controller, "controller", remembered=previous is not None)
         data = self.workdir / "data"
         config = self._write_config(port, controller, data)
         if not (data / "meta.properties").exists():
@@ -150,6 +229,7 @@ class LocalBroker:
             "kafka.Kafka",
             str(config),
         ]
+        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
         with self.log_file.open("ab") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -160,26 +240,60 @@ class LocalBroker:
                 start_new_session=True,  # survives the CLI; not hit by the terminal's Ctrl-C
             )
         self._proc = proc
-        started = time.time()
-        self._state_file.write_text(
-            json.dumps({"pid": proc.pid, "bootstrap": bootstrap, "started": started})
-        )
-        deadline = started + timeout
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                self._state_file.unlink(missing_ok=True)
-                raise BrokerStartError(
-                    f"The Kafka broker exited during start (exit code {proc.returncode}). "
-                    f"Last lines of {self.log_file}:\n{self.log_tail()}"
-                )
+        state = {"pid": proc.pid, "bootstrap": bootstrap, "started": time.time()}
+        self._state_file.write_text(json.dumps({**state, "log_start": log_start}))
+        return bootstrap
+
+    def wait(self, timeout: float = 90.0) -> None:
+        """Wait until the launched broker answers.
+
+        Raises:
+            BrokerStartError: The JVM exited, or did not answer within ``timeout``.
+        """
+        try:
+            bootstrap = str(json.loads(self._state_file.read_text())["bootstrap"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise BrokerStartError(f"node {self.node_id} was not launched") from exc
+        deadline = time.time() + timeout
+        while time.time() < deadline and self._launched_alive():
             if probe(bootstrap, timeout=2.0):
-                return bootstrap
+                return
             time.sleep(0.2)
+        proc = self._proc
+        if not self._launched_alive():
+            self._state_file.unlink(missing_ok=True)
+            code = f" (exit code {proc.returncode})" if proc is not None else ""
+            raise BrokerStartError(
+                f"The Kafka broker (node {self.node_id}) exited during start{code}. "
+                f"Last lines of {self.log_file}:\n{self.log_tail()}"
+            )
         self.stop()
         raise BrokerStartError(
-            f"The Kafka broker did not answer at {bootstrap} within {timeout:.0f}s. "
-            f"Last lines of {self.log_file}:\n{self.log_tail()}"
+            f"The Kafka broker (node {self.node_id}) did not answer at {bootstrap} within "
+            f"{timeout:.0f}s. Last lines of {self.log_file}:\n{self.log_tail()}"
         )
+
+    def _launched_alive(self) -> bool:
+        # Our own child: ask it (right after the fork its cmdline is not the JVM's yet).
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._live_pid() is not None
+
+    def kill(self) -> bool:
+        """SIGKILL the broker (a crash, for fault drills); its data and address stay.
+
+        Returns:
+            Whether a running broker was killed.
+        """
+        pid = self._live_pid()
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while self._running(pid):
+            time.sleep(0.05)
+        self._proc = None
+        return True
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the broker: SIGTERM (clean shutdown), then SIGKILL after ``timeout``.
@@ -209,22 +323,45 @@ class LocalBroker:
             return self._proc.poll() is None  # also reaps our own child
         return _alive(pid)
 
-    def status(self) -> BrokerStatus:
-        """Whether the broker runs, answers, and how much memory it holds."""
+    def status(self, *, ask: bool = True) -> BrokerStatus:
+        """Whether the broker runs, answers (when ``ask``), its KRaft role and memory."""
         pid = self._live_pid()
         if pid is None:
-            return BrokerStatus(running=False, workdir=self.workdir)
+            return BrokerStatus(running=False, node_id=self.node_id, workdir=self.workdir)
         state = json.loads(self._state_file.read_text())
         bootstrap = str(state["bootstrap"])
         return BrokerStatus(
             running=True,
-            answering=probe(bootstrap, timeout=5.0),
+            node_id=self.node_id,
+            answering=ask and probe(bootstrap, timeout=5.0),
             pid=pid,
             bootstrap=bootstrap,
             rss_mb=_rss_mb(pid),
             uptime_s=time.time() - float(state["started"]),
             workdir=self.workdir,
+            role=self.role(),
         )
+
+    def role(self) -> str | None:
+        """The node's role in the controller quorum, from the last transition it logged in
+        this run: ``leader``, ``follower``, ``candidate``, ... (``None`` before the first)."""
+        if not self.log_file.exists():
+            return None
+        with self.log_file.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(self._log_start, size - 256 * 1024)
+            f.seek(start)
+            found = _TRANSITION.findall(f.read())
+        if not found:
+            return None
+        return str(found[-1].decode()).removesuffix("State").lower()
+
+    @property
+    def _log_start(self) -> int:
+        """Where this run's lines begin in the (appended) log."""
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return int(json.loads(self._state_file.read_text()).get("log_start", 0))
+        return 0
 
     def address(self) -> str | None:
         """The bootstrap address of the running broker (no network call), or ``None``."""
@@ -261,30 +398,28 @@ class LocalBroker:
             return None
         return pid if _alive(pid) else None
 
-    def _previous_port(self) -> int | None:
-        """The client port of the last run, if still free: a restart keeps its address."""
+    def ports(self) -> tuple[int, int] | None:
+        """The client and controller ports of the last run: a restart keeps its address."""
         config = self.workdir / "server.properties"
         if not config.exists():
             return None
         m = re.search(
-            r"^advertised\.listeners=PLAINTEXT://127\.0\.0\.1:(\d+)$", config.read_text(), re.M
+            r"^listeners=PLAINTEXT://127\.0\.0\.1:(\d+),CONTROLLER://127\.0\.0\.1:(\d+)$",
+            config.read_text(),
+            re.M,
         )
-        if not m:
-            return None
-        port = int(m.group(1))
-        try:
-            check_port_free(port, "client")
-        except PortInUseError:
-            return None
-        return port
+        return (int(m.group(1)), int(m.group(2))) if m else None
 
     def _write_config(self, port: int, controller: int, data: Path) -> Path:
         (self.workdir / "log4j2.properties").write_text(_LOG4J2)
         config = self.workdir / "server.properties"
+        quorum = self.quorum
+        voters = quorum.voters if quorum is not None else ((self.node_id, controller),)
+        replicas = quorum.replication if quorum is not None else 1
         settings = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{controller}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": ",".join(f"{n}@127.0.0.1:{c}" for n, c in voters),
             "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
             "controller.listener.names": "CONTROLLER",
@@ -294,10 +429,14 @@ class LocalBroker:
             "num.partitions": "3",
             # The framework creates its topics explicitly; a typo must not create a topic.
             "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": "1",
+            # Replicated like the pipeline's own topics (TopicPolicy): a cluster loses no
+            # commit, offset or transaction state with one node.
+            "default.replication.factor": str(replicas),
+            "min.insync.replicas": str(min(2, replicas)),
+            "offsets.topic.replication.factor": str(replicas),
             "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": str(replicas),
+            "transaction.state.log.min.isr": str(min(2, replicas)),
             "transaction.state.log.num.partitions": "10",
             "group.initial.rebalance.delay.ms": "0",
             "num.network.threads": "2",
@@ -307,6 +446,9 @@ class LocalBroker:
             # Check for compactable logs every second rather than every 15 s, so a test (or a
             # user) sees a compacted changelog shrink soon after its segment rolls.
             "log.cleaner.backoff.ms": "1000",
+            # A node that stops heartbeating is fenced (and leaves every ISR) after 6 s
+            # rather than 9 s: a fault drill on one machine stalls writers for less.
+            "broker.session.timeout.ms": "6000",
         }
         config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         return config
@@ -319,7 +461,7 @@ class LocalBroker:
             f"{jars}/*",
             "kafka.tools.StorageTool",
             "format",
-            f"--cluster-id={_cluster_id()}",
+            f"--cluster-id={self.quorum.cluster_id if self.quorum else new_cluster_id()}",
             "-c",
             str(config),
             "--ignore-formatted",
@@ -332,7 +474,7 @@ class LocalBroker:
             )
 
 
-def _cluster_id() -> str:
+def new_cluster_id() -> str:
     """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 chars).
 
     Like Kafka's own ``Uuid.randomUuid()``, an id that starts with ``-`` is drawn again: the

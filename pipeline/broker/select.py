@@ -6,8 +6,6 @@ Docker engine answers; else the project's local JVM broker (:class:`LocalBroker`
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -15,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.broker.probe import probe
 from pipeline.errors import BrokerUnavailableError
 
 if TYPE_CHECKING:
@@ -25,38 +24,13 @@ log = logging.getLogger(__name__)
 KAFKA_IMAGE = "apache/kafka:{version}"
 
 
-def probe(bootstrap: str, timeout: float = 5.0) -> bool:
-    """Whether a broker at ``bootstrap`` answers a metadata request within ``timeout``."""
-    from aiokafka import AIOKafkaClient
+def local_parts(settings: Settings) -> tuple[Path, Path]:
+    """The ``java`` executable and the broker's jars (fetched once) for a local broker."""
+    from pipeline.broker.jars import ensure_jars
+    from pipeline.broker.local import find_java
 
-    async def ask() -> bool:
-        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
-        try:
-            await asyncio.wait_for(client.bootstrap(), timeout)
-            return bool(client.cluster.brokers())
-        except Exception:  # any failure means "not answering"; the caller decides what to say
-            return False
-        finally:
-            with contextlib.suppress(Exception):
-                await client.close()
-
-    # While a broker starts, connection refusals are expected: keep aiokafka from logging them.
-    client_log = logging.getLogger("aiokafka")
-    level = client_log.level
-    client_log.setLevel(logging.CRITICAL)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        try:
-            return asyncio.run(ask())
-        finally:
-            client_log.setLevel(level)
-    # Called from async code (e.g. a fixture set up lazily): ask from a thread of its own.
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, ask()).result()
-    finally:
-        client_log.setLevel(level)
+    java, _ = find_java(settings.java_home)
+    return java, ensure_jars(settings.home, settings.kafka_version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +84,9 @@ def open_broker(settings: Settings, workdir: Path | None = None) -> Iterator[Bro
         return
     import tempfile
 
-    from pipeline.broker.jars import ensure_jars
-    from pipeline.broker.local import LocalBroker, find_java
+    from pipeline.broker.local import LocalBroker
 
-    java, _ = find_java(settings.java_home)
-    jars = ensure_jars(settings.home, settings.kafka_version)
+    java, jars = local_parts(settings)
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kafka-")))

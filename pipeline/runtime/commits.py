@@ -110,6 +110,16 @@ class Commits:
             self.transport.discard(partition)  # outputs handled since then are void too
             await self._on_lost(partition)
 
+    def abandon(self) -> None:
+        """Forget the commit in flight (it failed; its partitions are read again)."""
+        task, self._inflight = self._inflight, None
+        if task is not None and not task.done():
+            task.cancel()
+        elif task is not None and not task.cancelled():
+            task.exception()  # read: it was reported by whoever saw it first
+        self.tracker.clear()
+        self._handled.clear()
+
     async def commit(self, offsets: dict[int, int]) -> None:
         """Commit now and wait for it."""
         await self.start(offsets)

@@ -48,7 +48,9 @@ def translate(exc: BaseException, action: str, **context: Any) -> PipelineError:
             **context,
         )
     if isinstance(exc, kerr.UnknownTopicOrPartitionError):
-        return TopicError(f"{action}: topic does not exist ({exc})", **context)
+        # Retriable: a broker that just restarted answers so until it has loaded its logs
+        # (the stage checked its topics when it started).
+        return TopicError(f"{action}: topic does not exist ({exc})", retriable=True, **context)
     if isinstance(exc, kerr.KafkaTimeoutError | kerr.RequestTimedOutError):
         return BrokerError(f"{action}: timed out ({exc})", retriable=True, **context)
     retriable = bool(getattr(exc, "retriable", False))

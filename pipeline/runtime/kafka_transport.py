@@ -144,6 +144,17 @@ class KafkaTransport:
         """Give up an input partition (EOS: close its producer; nothing open is committed)."""
         await self._txn.release(partition)
 
+    def connected(self) -> bool:
+        """Whether the consumer holds a live connection to any broker now.
+
+        Reads aiokafka's connection table (no public API says this): the consumer long-polls
+        fetches and heartbeats, so a healthy stage is never without one for long.
+        """
+        conns = getattr(self._consumer._client, "_conns", None)
+        if conns is None:
+            return True
+        return any(conn.connected() for conn in list(conns.values()))
+
     def _member(self) -> bool:
         """Whether the group still knows this member (aiokafka resets its id when the group
         answered that its session expired)."""
@@ -223,11 +234,14 @@ class KafkaTransport:
     async def rewind(self, partition: int) -> None:
         """Seek an input partition back to its committed offset (after a lost transaction)."""
         tp = KafkaTP(self.input_topic, partition)
-        committed = await self._consumer.committed(tp)
-        if committed is None:
-            await self._consumer.seek_to_beginning(tp)
-        else:
-            self._consumer.seek(tp, committed)
+        try:
+            committed = await self._consumer.committed(tp)
+            if committed is None:
+                await self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, committed)
+        except kerr.KafkaError as exc:
+            raise translate(exc, "reading the committed offset", partition=partition) from exc
 
     async def restore(
         self, partition: int, start: int
@@ -311,8 +325,13 @@ class KafkaTransport:
             self._writer.append(topic, partition, key, value, headers, timestamp)
 
     def discard(self, partition: int) -> None:
-        """Drop what is buffered for input partition ``partition`` (its transaction was lost)."""
-        self._txn.discard(partition)
+        """Drop what is buffered for input partition ``partition`` (its transaction was lost;
+        at-least-once: a failed commit, and every partition is read again)."""
+        if self.exactly_once:
+            self._txn.discard(partition)
+        else:
+            self._writer.discard()
+            self._state_writer.discard()
 
     async def commit(
         self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]

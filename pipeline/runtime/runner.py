@@ -18,6 +18,7 @@ from pathlib import Path
 from aiokafka.errors import KafkaError
 
 from pipeline.dsl import Delivery, Pipeline, StageNode
+from pipeline.runtime.connectivity import BrokerEpisodes, Connectivity
 from pipeline.runtime.kafka_transport import KafkaTransport
 from pipeline.runtime.offsets import OffsetReset
 from pipeline.runtime.state import RocksStores
@@ -46,6 +47,7 @@ class RunOptions:
     stats_interval: float = 1.0
     state_dir: Path | None = None  # RocksDB local stores here; None keeps state in memory
     offset_reset: OffsetReset = OffsetReset()  # a position gone from the log: stop (default)
+    unreachable_after: float = 30.0  # no broker for this long: log at ERROR, not ready
 
 
 async def run_stages(
@@ -72,9 +74,10 @@ async def run_stages(
     await ensure_topics(bootstrap, topic_specs(pipeline), create=options.create_topics)
     stop = stop or asyncio.Event()
     workers = [_worker(pipeline, node, bootstrap, options) for node in nodes]
+    episodes = BrokerEpisodes.install()
     with _signals(stop):
         tasks = [asyncio.create_task(w.run(stop), name=f"stage-{w.node.name}") for w in workers]
-        reporter = asyncio.create_task(_report(workers, options, stop, on_stats))
+        reporter = asyncio.create_task(_report(workers, options, stop, on_stats, episodes))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             if not stop.is_set():  # a worker failed: stop the others cleanly too
@@ -92,6 +95,7 @@ async def run_stages(
         finally:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
+            episodes.uninstall()
             stats = [w.stats for w in workers]
             _write_stats(options.stats_file, stats)
     return stats
@@ -127,11 +131,19 @@ async def _report(
     options: RunOptions,
     stop: asyncio.Event,
     on_stats: Callable[[list[StageStats]], None] | None,
+    episodes: BrokerEpisodes,
 ) -> None:
     last_log = 0.0
     loop = asyncio.get_running_loop()
+    links = [
+        Connectivity(w.node.name, w.transport.connected, options.unreachable_after) for w in workers
+    ]
     while not stop.is_set():
         await asyncio.sleep(options.stats_interval)
+        episodes.tick()
+        for worker, link in zip(workers, links, strict=True):
+            worker.stats.reachable = link.check()
+            worker.stats.broker_errors = episodes.errors
         stats = [w.gauges() for w in workers]
         _write_stats(options.stats_file, stats)
         if on_stats is not None:

@@ -39,14 +39,18 @@ class StageStats:
     pauses: int = 0  # times the breaker paused the stage (a dependency was down)
     writers_evicted: int = 0  # writers forgotten because of DedupPolicy.max_writers
     ids_evicted: int = 0  # event ids forgotten because of DedupPolicy.max_ids
+    broker_errors: int = 0  # transient broker errors retried (this process's clients)
+    recoveries: int = 0  # commits that failed and were started over from the committed offsets
+    reachable: bool = True  # False: no broker reachable for longer than unreachable_after
     state: str = "starting"  # one of STATES
     dead_by_error: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
 
     @property
     def ready(self) -> bool:
-        """Whether the worker runs normally: set up, restored, not paused by the breaker."""
-        return self.state == "running"
+        """Whether the worker runs normally: set up, restored, not paused by the breaker,
+        and reaching a broker."""
+        return self.state == "running" and self.reachable
 
     def rate(self) -> float:
         """Consumed records per second since start."""
@@ -82,6 +86,9 @@ class StageStats:
             "pauses": self.pauses,
             "writers_evicted": self.writers_evicted,
             "ids_evicted": self.ids_evicted,
+            "broker_errors": self.broker_errors,
+            "recoveries": self.recoveries,
+            "reachable": self.reachable,
             "state": self.state,
             "ready": self.ready,
             "dead_by_error": dict(self.dead_by_error),

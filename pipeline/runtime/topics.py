@@ -1,8 +1,13 @@
-"""Create a pipeline's topics and refuse existing ones that break co-partitioning.
+"""Create a pipeline's topics and refuse existing ones that break co-partitioning or durability.
 
 Every topic a pipeline owns (source, outputs, dead letters, state changelogs) has the same
 partition count, so that a key lives on partition p of each of them: the state of key k is on
 the changelog partition that matches the input partition k is read from.
+
+Replication follows :class:`~pipeline.dsl.TopicPolicy`: by default ``min(3, brokers)`` replicas
+and ``min.insync.replicas=min(2, replicas)``, so that on a cluster an acknowledged write
+(acks=all) is on two brokers before a stage commits past it. An existing topic with fewer
+replicas than that is refused, as a wrong partition count is.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from pipeline.dsl import Pipeline
+from pipeline.dsl import Pipeline, TopicPolicy
 from pipeline.errors import TopicError
 from pipeline.runtime.kafka import translate
 
@@ -28,36 +33,33 @@ class TopicSpec:
     name: str
     role: str  # "source", "output", "dead letters", "state"
     partitions: int
-    replication: int
+    replication: int | None = None  # None: min(3, brokers)
     config: dict[str, str] = field(default_factory=dict)
+    min_insync: int | None = None  # None: min(2, replicas)
+
+    def replicas_for(self, brokers: int) -> int:
+        return TopicPolicy(self.partitions, self.replication, self.min_insync).replicas_for(brokers)
+
+    def topic_config(self, brokers: int) -> dict[str, str]:
+        """The topic's config on a cluster of ``brokers`` (with its min.insync.replicas)."""
+        policy = TopicPolicy(self.partitions, self.replication, self.min_insync)
+        return {"min.insync.replicas": str(policy.min_insync_for(brokers)), **self.config}
 
 
 def topic_specs(pipeline: Pipeline) -> list[TopicSpec]:
     """Every topic ``pipeline`` reads or writes, in topology order."""
     policy = pipeline.topics
-    n, r = policy.partitions, policy.replication
-    specs = [TopicSpec(pipeline.source, "source", n, r)]
+    n, r, isr = policy.partitions, policy.replication, policy.min_insync
+    specs = [TopicSpec(pipeline.source, "source", n, r, min_insync=isr)]
     for node in pipeline.nodes():
         if node.output_topic:
-            specs.append(TopicSpec(node.output_topic, f"output of '{node.name}'", n, r))
-        specs.append(
-            TopicSpec(
-                node.dlq_topic,
-                f"dead letters of '{node.name}'",
-                n,
-                r,
-                {"retention.ms": DLQ_RETENTION_MS},
-            )
-        )
-        specs.append(
-            TopicSpec(
-                node.state_topic,
-                f"state of '{node.name}'",
-                n,
-                r,
-                {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
-            )
-        )
+            role = f"output of '{node.name}'"
+            specs.append(TopicSpec(node.output_topic, role, n, r, min_insync=isr))
+        dlq = {"retention.ms": DLQ_RETENTION_MS}
+        role = f"dead letters of '{node.name}'"
+        specs.append(TopicSpec(node.dlq_topic, role, n, r, dlq, isr))
+        state = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+        specs.append(TopicSpec(node.state_topic, f"state of '{node.name}'", n, r, state, isr))
     return specs
 
 
@@ -77,8 +79,9 @@ async def ensure_topics(
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="pipeline-admin")
     try:
         await admin.start()
-        existing = await _partition_counts(admin, [s.name for s in specs])
-        _check(specs, existing)
+        brokers = len(admin._client.cluster.brokers())
+        existing = await _describe(admin, [s.name for s in specs])
+        _check(specs, existing, brokers)
         missing = [s for s in specs if s.name not in existing]
         if missing and not create:
             names = ", ".join(f"{s.name} ({s.role})" for s in missing)
@@ -87,17 +90,27 @@ async def ensure_topics(
                 f"or let the stage create them"
             )
         if missing:
-            response = await admin.create_topics(
-                [
-                    NewTopic(s.name, s.partitions, s.replication, topic_configs=s.config)
-                    for s in missing
-                ]
-            )
+            for spec in missing:
+                if spec.replicas_for(brokers) > brokers:
+                    raise TopicError(
+                        f"topic {spec.name} ({spec.role}) needs {spec.replicas_for(brokers)} "
+                        f"replicas, but {brokers} broker(s) answer: start the missing brokers "
+                        f"or lower TopicPolicy(replication=...)",
+                        topic=spec.name,
+                    )
+            new = [
+                NewTopic(
+                    s.name, s.partitions, s.replicas_for(brokers),
+                    topic_configs=s.topic_config(brokers),
+                )
+                for s in missing
+            ]  # fmt: skip
+            response = await admin.create_topics(new)
             for topic, code, message in (e[:3] for e in response.topic_errors):
                 if code not in (0, _TOPIC_ALREADY_EXISTS):
                     raise TopicError(f"creating topic {topic} failed: {message} (error {code})")
             # Another worker may have created one at the same moment: check what exists now.
-            _check(specs, await _partition_counts(admin, [s.name for s in specs]))
+            _check(specs, await _describe(admin, [s.name for s in specs]), brokers)
         return [s.name for s in missing]
     except KafkaError as exc:
         raise translate(exc, "creating the pipeline's topics") from exc
@@ -106,19 +119,46 @@ async def ensure_topics(
             await admin.close()
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, tuple[int, int]]:
+    """Partition count and replication factor (the smallest of any partition) per topic."""
     topics = await admin.describe_topics(sorted(set(names)))
-    return {t["topic"]: len(t["partitions"]) for t in topics if t["error_code"] == 0}
+    return {
+        t["topic"]: (
+            len(t["partitions"]),
+            min((len(p["replicas"]) for p in t["partitions"]), default=0),
+        )
+        for t in topics
+        if t["error_code"] == 0
+    }
 
 
-def _check(specs: list[TopicSpec], existing: dict[str, int]) -> None:
+def _check(specs: list[TopicSpec], existing: dict[str, tuple[int, int]], brokers: int) -> None:
     for spec in specs:
-        actual = existing.get(spec.name)
-        if actual is not None and actual != spec.partitions:
+        if spec.name not in existing:
+            continue
+        actual, replicas = existing[spec.name]
+        if actual != spec.partitions:
             raise TopicError(
                 f"topic {spec.name} ({spec.role}) has {actual} partitions, but the pipeline "
                 f"needs {spec.partitions}: a key must live on the same partition number in the "
                 f"input, state and output topics (co-partitioning). Set "
                 f"TopicPolicy(partitions={actual}) or recreate the topic",
+                topic=spec.name,
+            )
+        wanted = spec.replicas_for(brokers)
+        if spec.replication is not None and replicas != wanted:
+            raise TopicError(
+                f"topic {spec.name} ({spec.role}) has {replicas} replica(s), but "
+                f"TopicPolicy(replication={wanted}) asks for {wanted}. Recreate the topic, "
+                f"reassign its replicas (kafka-reassign-partitions), or set "
+                f"TopicPolicy(replication={replicas})",
+                topic=spec.name,
+            )
+        if replicas < wanted:
+            raise TopicError(
+                f"topic {spec.name} ({spec.role}) has {replicas} replica(s), but the pipeline "
+                f"needs {wanted} on this cluster of {brokers} broker(s): with fewer, a broker "
+                f"that fails loses acknowledged records. Recreate the topic, add replicas "
+                f"(kafka-reassign-partitions), or set TopicPolicy(replication={replicas})",
                 topic=spec.name,
             )

@@ -80,6 +80,10 @@ class Transport(Protocol):
                 skipped (the worker's :class:`~pipeline.runtime.offsets.OffsetReset` decides).
         """
 
+    def connected(self) -> bool:
+        """Whether a broker is reachable now (as far as the client knows)."""
+        ...
+
     def assignment(self) -> set[Any]:
         """The input partitions (topic-partition pairs) this worker owns now."""
 

@@ -19,7 +19,14 @@ What stops a worker, and what does not:
   :class:`~pipeline.runtime.offsets.OffsetReset` says otherwise;
 - a dependency that is down does not: the stage's setup is retried before it consumes (see
   :mod:`pipeline.runtime.setup`), and the breaker (:mod:`pipeline.runtime.holds`) pauses the
-  partitions instead of dead-lettering the stream.
+  partitions instead of dead-lettering the stream;
+- nor does a broker that is down or moving (a retriable :class:`~pipeline.errors.BrokerError`
+  out of a commit, longer than the client's own retries): the worker drops what it had not
+  committed (outputs, state changes, holds), waits for a broker with backoff, and reads every
+  partition again from its committed offset with its state restored
+  (:func:`~pipeline.runtime.recovery.recover`), as if
+  the partitions had been handed to it anew. Outputs already written are duplicates the next
+  stage drops (at-least-once) or belong to aborted transactions (exactly-once).
 """
 
 from __future__ import annotations
@@ -32,13 +39,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pipeline.dsl import StageNode
-from pipeline.errors import OffsetOutOfRangeError
+from pipeline.errors import BrokerError, OffsetOutOfRangeError
 from pipeline.runtime.commits import Commits
 from pipeline.runtime.handler import RecordHandler
 from pipeline.runtime.holds import Tripped
 from pipeline.runtime.lanes import KeyLanes
 from pipeline.runtime.offsets import OffsetReset, ResetMode, combined
 from pipeline.runtime.pauses import Pauses
+from pipeline.runtime.recovery import recover
 from pipeline.runtime.setup import enter_setup
 from pipeline.runtime.state import StateTable, StoreFactory, now_ms
 from pipeline.runtime.stats import StageStats
@@ -98,6 +106,7 @@ class StageWorker:
             self.handler.holds, self._fetch, sleep, clock,
         )  # fmt: skip
         self._fatal: BaseException | None = None  # raised in a rebalance callback
+        self.recovery_streak, self.last_recovery = 0, 0.0  # see pipeline.runtime.recovery
         self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> StageStats:
@@ -113,10 +122,17 @@ class StageWorker:
             failed = True
             try:
                 await self._prepare_topics()
-                if self.node.stage.concurrency > 1:
-                    await self._run_lanes(stop)
-                else:
-                    await self._run_inline(stop)
+                while True:
+                    try:
+                        if self.node.stage.concurrency > 1:
+                            await self._run_lanes(stop)
+                        else:
+                            await self._run_inline(stop)
+                        break
+                    except BrokerError as exc:
+                        if not exc.retriable or self._fatal is not None or stop.is_set():
+                            raise
+                        await recover(self, exc, stop)
                 failed = False
             finally:
                 self._stopping = True  # a rebalance callback after this takes nothing
@@ -380,7 +396,7 @@ class StageWorker:
                 for tp in sorted(assigned):
                     if tp.partition not in self.table.partitions:
                         await self.transport.claim(tp.partition)
-                        await self._restore(tp.partition)
+                        await self.restore(tp.partition)
                 if before == "paused":
                     self.transport.pause()  # new partitions wait out the pause too
                 stats.state = before if before in ("paused", "probing") else "running"
@@ -392,9 +408,9 @@ class StageWorker:
     async def _lost(self, partition: int) -> None:
         """Its transaction was lost: rebuild its state; it is read again from the log."""
         self.table.close(partition)
-        await self._restore(partition)
+        await self.restore(partition)
 
-    async def _restore(self, partition: int) -> None:
+    async def restore(self, partition: int) -> None:
         table, start = self.table.open(partition)
         began, now, n = time.monotonic(), now_ms(), 0
         async for key, value in self.transport.restore(partition, start):
@@ -426,15 +442,29 @@ class StageWorker:
                 gone = {tp.partition for tp in revoked}
                 commits = self.commits
                 try:
-                    await commits.settle()
-                    if self._lanes is not None:
-                        await self._lanes.wait_idle()
-                        await commits.flush_finished()
+                    try:
+                        await commits.settle()
+                        if self._lanes is not None:
+                            await self._lanes.wait_idle()
+                            await commits.flush_finished()
+                        if self.exactly_once and self._fatal is None:
+                            offsets = {p: o for p, o in commits.committed.items() if p in gone}
+                            await self.transport.commit(offsets, {})
+                    except BrokerError as exc:
+                        if not exc.retriable:
+                            raise
+                        # The broker is down or moving: what was not committed is dropped;
+                        # whoever owns the partitions next reads them from the committed offset.
+                        log.warning(
+                            "stage %s: the commit before giving up partitions failed (%s); "
+                            "they are read again from their committed offsets",
+                            self.node.name, exc,
+                        )  # fmt: skip
+                        commits.abandon()
+                        for partition in gone:
+                            self.transport.discard(partition)
                     self.handler.holds.drop(gone)
                     self.stats.held = len(self.handler.holds.held)
-                    if self.exactly_once and self._fatal is None:
-                        offsets = {p: o for p, o in commits.committed.items() if p in gone}
-                        await self.transport.commit(offsets, {})
                 finally:
                     commits.forget(gone)
                     for partition in gone:
@@ -448,7 +478,12 @@ class StageWorker:
         if partition not in self.table.partitions:
             return
         if self.table.stores.persistent and self._fatal is None:
-            self.table.saved(partition, await self.transport.state_end(partition))
+            try:
+                self.table.saved(partition, await self.transport.state_end(partition))
+            except BrokerError as exc:  # no checkpoint: the next restore reads more, that is all
+                log.debug(
+                    "stage %s: no checkpoint for partition %d: %s", self.node.name, partition, exc
+                )
         self.table.close(partition)
         await self.transport.release(partition)
 

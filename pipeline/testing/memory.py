@@ -324,6 +324,9 @@ class MemoryTransport:
                 room -= len(msgs)
         return batches
 
+    def connected(self) -> bool:
+        return True
+
     def assignment(self) -> set[Any]:
         """The input partitions this member owns."""
         return set(self._positions)

@@ -175,7 +175,7 @@ async def test_expired_event_ids_leave_the_compacted_changelog(
     async def publish(first: int, count: int) -> None:
         async with Publisher(kafka_bootstrap, p.source, CODEC, "key") as pub:
             for n in range(first, first + count):
-                await pub.publish({"key": f"k{n % 100}", "n": n, "hops": 0, "payload": "x"})
+                pub.buffer({"key": f"k{n % 100}", "n": n, "hops": 0, "payload": "x"})
 
     a, b, c = 3_000, 1_000, 30
     stage = start("first")
@@ -256,7 +256,7 @@ async def test_records_deleted_past_a_stopped_stage_stop_it_until_told(
     async def publish(first: int, count: int) -> None:
         async with Publisher(kafka_bootstrap, p.source, CODEC, "key") as pub:
             for n in range(first, first + count):
-                await pub.publish({"key": f"k{n % 100}", "n": n, "hops": 0, "payload": "x"})
+                pub.buffer({"key": f"k{n % 100}", "n": n, "hops": 0, "payload": "x"})
 
     stage = start("first")
     try:
@@ -344,7 +344,7 @@ async def test_a_zombie_that_comes_back_stops_with_the_fence_error(
         async with Publisher(kafka_bootstrap, p.source, store.codec(twostage.EVENT), "key") as pub:
             while flowing.is_set():
                 for _ in range(100):
-                    await pub.publish(
+                    pub.buffer(
                         {"key": f"k{published % 300}", "n": published, "hops": 0, "payload": "z"}
                     )
                     published += 1
@@ -424,7 +424,7 @@ async def test_a_dependency_down_for_20s_pauses_the_stage_and_loses_nothing(
     try:
         async with Publisher(kafka_bootstrap, p.source, CODEC, "key") as pub:
             for n in range(warm):
-                await pub.publish({"key": f"k{n % keys}", "n": n, "hops": 0, "payload": "w"})
+                pub.buffer({"key": f"k{n % keys}", "n": n, "hops": 0, "payload": "w"})
             await pub.flush()
             await until(lambda: len(received) >= warm - 1, "the warm-up", 60)
             await stub.__aexit__(None, None, None)  # the dependency goes down for 20 s
@@ -433,14 +433,14 @@ async def test_a_dependency_down_for_20s_pauses_the_stage_and_loses_nothing(
             while time.monotonic() - down < 20:  # 10,000 records arrive over 18 s
                 target = warm + min(burst, int(burst * (time.monotonic() - down) / 18))
                 while n < target:
-                    await pub.publish({"key": f"k{n % keys}", "n": n, "hops": 0, "payload": "b"})
+                    pub.buffer({"key": f"k{n % keys}", "n": n, "hops": 0, "payload": "b"})
                     n += 1
                 await pub.flush()
                 if stats_file.exists():
                     states[stats_of(stats_file)["state"]] += 1
                 await asyncio.sleep(0.25)
             while n < warm + burst:
-                await pub.publish({"key": f"k{n % keys}", "n": n, "hops": 0, "payload": "b"})
+                pub.buffer({"key": f"k{n % keys}", "n": n, "hops": 0, "payload": "b"})
                 n += 1
         stats_down = stats_of(stats_file)
         stub = await HttpStub(handler, port=port).__aenter__()  # back, at the same address

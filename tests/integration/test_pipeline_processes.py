@@ -28,7 +28,7 @@ async def publish(bootstrap: str, topic: str, records: int, keys: int) -> None:
     store = SchemaStore.from_directory(chain.SCHEMAS)
     async with Publisher(bootstrap, topic, store.codec(chain.EVENT), "key") as pub:
         for i in range(records):
-            await pub.publish({"key": f"k{i % keys}", "n": i, "hops": 0, "payload": PAYLOAD})
+            pub.buffer({"key": f"k{i % keys}", "n": i, "hops": 0, "payload": PAYLOAD})
 
 
 def check_exactly_once_in_order(records: list, expected: int, keys: int) -> None:

@@ -40,7 +40,7 @@ async def publish(
     async with Publisher(bootstrap, topic, codec, "key", writer="two-stage-tests") as pub:
         for i in range(first, first + records):
             value = {"key": f"k{i % keys}", "n": i, "hops": 0, "payload": PAYLOAD}
-            await pub.publish(value, seq=i + 1 if seqs else None)
+            pub.buffer(value, seq=i + 1 if seqs else None)
 
 
 def assert_exactly_once_in_order(records: list, expected: int) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.broker import jars as jars_mod
 from pipeline.broker.jars import ensure_jars
-from pipeline.broker.local import LocalBroker, _cluster_id, find_java, parse_java_major
+from pipeline.broker.local import LocalBroker, find_java, new_cluster_id, parse_java_major
 from pipeline.errors import (
     BrokerStartError,
     JarsUnavailableError,
@@ -190,7 +190,7 @@ def test_cli_status_when_stopped(tmp_path: Path) -> None:
 def test_cluster_ids_never_start_with_a_dash() -> None:
     # One URL-safe base64 id in 64 starts with '-', which the storage tool reads as an option;
     # 20,000 draws would meet ~300 of them if nothing drew again.
-    ids = [_cluster_id() for _ in range(20_000)]
+    ids = [new_cluster_id() for _ in range(20_000)]
     assert not [cid for cid in ids if cid.startswith("-")]
     assert all(len(cid) == 22 for cid in ids)
     assert len(set(ids)) == len(ids)

@@ -152,3 +152,83 @@ async def test_an_error_in_a_rebalance_callback_stops_the_worker(
             await task
     assert worker.stats.state == "failed"
     assert worker.table.partitions == {}  # no state kept, none restored after the fence
+
+
+class BrokerDownForCommits(MemoryTransport):
+    """A transport whose next ``failures`` commits fail as they do while no broker answers
+    (past the client's own retries): nothing of them is written."""
+
+    failures = 0
+
+    async def commit(self, offsets: Any, state: Any) -> set[int]:
+        if self.failures:
+            self.failures -= 1
+            raise BrokerError("writing records: timed out (KafkaTimeoutError)", retriable=True)
+        return await super().commit(offsets, state)
+
+    def discard(self, partition: int) -> None:
+        self._pending = []  # what the failed commit had buffered is gone, as in Kafka
+
+    async def rewind(self, partition: int) -> None:
+        if self.failures:  # the broker is still down: so is the committed offset
+            self.failures -= 1
+            raise BrokerError("reading the committed offset: no broker", retriable=True)
+        await super().rewind(partition)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_a_commit_failing_while_the_broker_is_down_does_not_stop_the_worker(
+    concurrency: int,
+) -> None:
+    """A retriable broker error out of a commit (the broker stayed down past the client's
+    retries): the worker drops what it had not committed, waits, reads the partition again
+    from its committed offset with its state restored: every record once, none lost."""
+    store = SchemaStore()
+    store.add(SCHEMA)
+
+    @stage(input="t.Event", output="t.Event", concurrency=concurrency)
+    async def keep(event: dict[str, Any]) -> dict[str, Any]:
+        return event
+
+    pipeline = Pipeline("p", source="p.in", key="id", schemas=store) | keep
+    node = pipeline.nodes()[0]
+    broker = MemoryBroker()
+    for topic in (node.input_topic, node.output_topic, node.dlq_topic, node.state_topic):
+        assert topic is not None
+        broker.create_topic(topic, 1)
+    transport = BrokerDownForCommits(
+        broker, group=node.group, input_topic=node.input_topic, state_topic=node.state_topic
+    )
+    worker = StageWorker(node, pipeline.schemas, transport)
+    codec = pipeline.schemas.codec("t.Event")
+
+    def send(n: int) -> None:
+        seq = n.to_bytes(8, "big")
+        broker.produce(
+            node.input_topic,
+            f"k{n % 3}".encode(),
+            codec.encode({"id": f"k{n % 3}", "n": n}),
+            [("seq", seq)],
+        )
+
+    async def drained() -> None:
+        async with asyncio.timeout(10):
+            while broker.lag(node.group, node.input_topic):  # noqa: ASYNC110 (polls the log)
+                await asyncio.sleep(0.005)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    for n in range(1, 11):
+        send(n)
+    await drained()
+    transport.failures = 3  # the next commit and two attempts to read its offset fail
+    for n in range(11, 31):
+        send(n)
+    await drained()
+    stop.set()
+    stats = await task
+    out = [codec.decode(r.value)["n"] for r in broker.records(node.output_topic)]
+    assert sorted(set(out)) == list(range(1, 31)), out  # nothing lost
+    assert len(out) == 30, "a record whose commit failed was written twice"
+    assert stats.recoveries == 1
+    assert stats.duplicates == 0, "the state of records never committed was kept"

@@ -1,6 +1,7 @@
 """A three-stage pipeline for integration tests, run by ``pipeline run`` in child processes.
 
-The pipeline name comes from ``CHAIN_PIPELINE`` so that each test gets its own topics.
+The pipeline name comes from ``CHAIN_PIPELINE`` so that each test gets its own topics;
+``CHAIN_DELIVERY`` (at_least_once | exactly_once) picks the delivery mode.
 """
 
 from __future__ import annotations
@@ -37,8 +38,16 @@ async def third(event: dict[str, Any]) -> dict[str, Any]:
 
 def build(name: str | None = None) -> Pipeline:
     name = name or os.environ.get("CHAIN_PIPELINE", "chain")
+    delivery = os.environ.get("CHAIN_DELIVERY", "at_least_once")
     return (
-        Pipeline(name, source=f"{name}.in", key="key", schemas=SCHEMAS, topics=TopicPolicy(3))
+        Pipeline(
+            name,
+            source=f"{name}.in",
+            key="key",
+            schemas=SCHEMAS,
+            topics=TopicPolicy(3),
+            delivery=delivery,
+        )
         | first
         | second
         | third

@@ -27,12 +27,12 @@ async def main(argv: list[str]) -> None:
     async with Publisher(bootstrap, topic, codec, "key", batch_records=500) as pub:
         for n in range(first, first + count):
             value = {"key": f"k{n % keys}", "n": n, "hops": 0, "payload": "p" * 100}
-            stamp = await pub.publish(value)
+            stamp = pub.buffer(value)
             if rng.random() < share:
-                await pub.publish(value, seq=stamp.seq, event_id=stamp.event_id)
+                pub.buffer(value, seq=stamp.seq, event_id=stamp.event_id)
                 again += 1
             if n % 500 == 0:
-                await asyncio.sleep(0)  # let replicas interleave on the broker
+                await pub.flush()  # let replicas interleave on the broker
     print(json.dumps({"writer": pub.writer.decode(), "sent": count, "retransmitted": again}))
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline.cli_pipeline import BootstrapOpt, bootstrap_address
+from pipeline.cli.commands import BootstrapOpt, bootstrap_address
 from pipeline.loader import load_pipeline
 
 out = Console()

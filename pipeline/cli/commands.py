@@ -40,9 +40,9 @@ def bootstrap_address(given: str | None) -> str:
     settings = Settings()
     if settings.bootstrap:
         return settings.bootstrap
-    from pipeline.broker import LocalBroker
+    from pipeline.broker.cluster import local_bootstrap
 
-    address = LocalBroker(settings.home / "broker").address()
+    address = local_bootstrap(settings.home)
     if address:
         return address
     raise ConfigError(
@@ -89,6 +89,13 @@ def run(
             "stops with an error (default); 'earliest' or 'latest' skip on, counted and logged."
         ),
     ] = "fail",
+    unreachable_after: Annotated[
+        float,
+        typer.Option(
+            help="Seconds without any reachable broker before the stage logs an "
+            "ERROR and is not ready (it keeps retrying)."
+        ),
+    ] = 30.0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
     """Run one stage (N copies = N competing consumers), or --all stages for development."""
@@ -111,6 +118,7 @@ def run(
         state_dir=state_dir,
         session_timeout_ms=session_timeout_ms,
         offset_reset=OffsetReset.parse(offset_reset),
+        unreachable_after=unreachable_after,
     )
     address = bootstrap_address(bootstrap)
     # Stage resources that open their own clients (e.g. an enrich table) find the broker here.
@@ -195,7 +203,9 @@ def publish(
                         if not line.strip():
                             continue
                         try:
-                            await pub.publish(json.loads(line))
+                            pub.buffer(json.loads(line))
+                            if lineno % pub.batch_records == 0:
+                                await pub.flush()
                         except json.JSONDecodeError as exc:
                             rejected.append(
                                 (lineno, f"invalid JSON: {exc.msg} at column {exc.colno}")

@@ -14,7 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common, concurrency, dedup_memory, delivery, report, restore, stage_throughput
+from bench import (
+    cluster,
+    common,
+    concurrency,
+    dedup_memory,
+    delivery,
+    report,
+    restore,
+    stage_throughput,
+)
 from pipeline.broker import open_broker
 from pipeline.config import Settings
 
@@ -23,6 +32,7 @@ BENCHMARKS = (
     concurrency.NAME,
     delivery.NAME,
     restore.NAME,
+    cluster.NAME,
     dedup_memory.NAME,
 )
 NO_BROKER = frozenset({dedup_memory.NAME})
@@ -129,6 +139,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"local stores to restore into (default: {','.join(r.stores)})",
     )
     p.add_argument("--dedup-keys", type=_positive, default=m.keys, help="dedup_memory keys")
+    k = cluster.Config()
+    p.add_argument(
+        "--cluster-records", type=_positive, default=k.records, help="cluster benchmark input"
+    )
     p.add_argument("--results", type=Path, default=report.RESULTS, help="where JSON goes")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the topics")
     p.add_argument("-v", "--verbose", action="store_true", help="framework and client logs")
@@ -193,6 +207,19 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                     partitions=args.partitions,
                     repeat=args.restore_repeat,
                     stores=args.restore_stores,
+                    results=args.results,
+                ),
+                topics,
+            )
+        if cluster.NAME in args.only:
+            await cluster.run(
+                bootstrap,
+                broker,
+                cluster.Config(
+                    records=args.cluster_records,
+                    partitions=args.partitions,
+                    keys=args.keys,
+                    repeat=args.repeat,
                     results=args.results,
                 ),
                 topics,

@@ -62,16 +62,21 @@ def unique(prefix: str) -> str:
 class Topics:
     """Creates topics and remembers them, so that :meth:`delete_all` can clean up."""
 
-    def __init__(self, bootstrap: str, partitions: int) -> None:
+    def __init__(self, bootstrap: str, partitions: int, replication: int = 1) -> None:
         self.bootstrap = bootstrap
         self.partitions = partitions
+        self.replication = replication
         self.created: list[str] = []
 
     async def create(self, *names: str) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="bench-admin")
         await admin.start()
+        r = self.replication
+        config = {"min.insync.replicas": str(min(2, r))}
         try:
-            await admin.create_topics([NewTopic(n, self.partitions, 1) for n in names])
+            await admin.create_topics(
+                [NewTopic(n, self.partitions, r, topic_configs=config) for n in names]
+            )
         finally:
             await admin.close()
         self.created.extend(names)

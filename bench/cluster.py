@@ -1,0 +1,119 @@
+"""Benchmark ``cluster``: one stage on a replicated 3-broker cluster against one broker.
+
+The same stage (decode, transform, encode; dedup off, as ``stage_throughput``'s ``stage``) reads
+the same pre-loaded input on each, in the same run, runs alternating:
+
+- ``one_broker``: the benchmark's broker (one node, replication 1);
+- ``three_brokers``: a local cluster of three nodes started for the run
+  (:class:`~pipeline.broker.cluster.LocalCluster`), every topic with 3 replicas and
+  ``min.insync.replicas=2`` (TopicPolicy's default on three brokers); acks=all then waits for a
+  second copy of every write, the cost a user pays for surviving a broker.
+
+``ratio`` = three_brokers / one_broker (best run of each). On one machine the three brokers
+share its cores with the stage, so the ratio is a lower bound of what separate machines give.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import common, report, workload
+from bench.contenders.stage import run_stage, sync_price_stage
+from pipeline.broker.cluster import LocalCluster
+from pipeline.broker.select import local_parts
+from pipeline.config import Settings
+
+NAME = "cluster"
+CONTENDERS = ("one_broker", "three_brokers")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    records: int = 100_000
+    partitions: int = 3
+    keys: int = 10_000
+    repeat: int = 3
+    results: Path = report.RESULTS
+
+
+async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:
+    """Start the cluster, pre-load both, run the stage on each ``repeat`` times."""
+    java, jars = local_parts(Settings())
+    with tempfile.TemporaryDirectory(prefix="bench-cluster-") as workdir:
+        cluster = LocalCluster(Path(workdir), size=3, jars=jars, java=java, heap_mb=256)
+        cluster_bootstrap = await asyncio.to_thread(cluster.start)
+        try:
+            return await _run(bootstrap, broker, cluster_bootstrap, config, topics)
+        finally:
+            await asyncio.to_thread(cluster.stop)
+
+
+async def _run(
+    bootstrap: str, broker: str, cluster_bootstrap: str, config: Config, topics: common.Topics
+) -> dict[str, Any]:
+    store = workload.schema_store()
+    load_at_start = common.load_average()
+    ctopics = common.Topics(cluster_bootstrap, config.partitions, replication=3)
+    targets = {"one_broker": (bootstrap, topics), "three_brokers": (cluster_bootstrap, ctopics)}
+    sources = {}
+    for name, (address, where) in targets.items():
+        source = common.unique(f"cluster-{name}")
+        await where.create(source)
+        seconds = await common.preload(address, source, store, config.records, config.keys)
+        sources[name] = source
+        print(f"[{NAME}] pre-loaded {config.records:,} records on {name} in {seconds:.1f}s")
+    runs: dict[str, list[common.RunResult]] = {c: [] for c in CONTENDERS}
+    for r in range(config.repeat):
+        for name in CONTENDERS if r % 2 == 0 else tuple(reversed(CONTENDERS)):
+            address, where = targets[name]
+            result = await run_stage(
+                address,
+                source=sources[name],
+                store=store,
+                stage=sync_price_stage(),
+                target=config.records,
+                partitions=config.partitions,
+                topics=where,
+                label=name,
+            )
+            runs[name].append(result)
+            rate = result.records_per_s
+            told = f"error {result.error}" if rate is None else f"{rate:,.0f} rec/s"
+            print(f"[{NAME}] {name}: {told}")
+            await common.settle()
+    summaries = {name: report.summarize(results) for name, results in runs.items()}
+    doc = {
+        "benchmark": NAME,
+        "ratio": report.ratio(summaries, "three_brokers", "one_broker"),
+        "ratio_of_medians": report.ratio(summaries, "three_brokers", "one_broker", "median"),
+        "conditions": {
+            "records": config.records,
+            "record_bytes_mean": round(common.record_bytes(store, keys=config.keys), 1),
+            "partitions": config.partitions,
+            "keys": config.keys,
+            "repeat": config.repeat,
+            "stage": "sync price stage, dedup off, at-least-once (acks=all, idempotent)",
+            "one_broker": f"{broker}, replication 1",
+            "three_brokers": "local 3-node KRaft cluster (combined broker+controller JVMs, "
+            "256 MB heap each) on the same machine, replication 3, min.insync.replicas 2",
+            "timing": "first records received -> commit covering the last record",
+            "load_average_1_5_15min_at_start": load_at_start,
+            **common.machine(),
+        },
+        "contenders": summaries,
+    }
+    await ctopics.delete_all()
+    print()
+    title = (
+        f"{NAME}: {config.records:,} records, {config.partitions} partitions, one stage; "
+        f"best of {config.repeat}"
+    )
+    print(report.table(title, summaries, "one_broker"))
+    print(f"ratio three_brokers/one_broker: {doc['ratio']}")
+    path = report.write(NAME, doc, config.results)
+    print(f"[{NAME}] results: {path}")
+    return doc

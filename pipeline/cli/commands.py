@@ -96,9 +96,17 @@ def run(
             "ERROR and is not ready (it keeps retrying)."
         ),
     ] = 30.0,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve /metrics (Prometheus), /health and /ready at HOST:PORT "
+            "(e.g. 127.0.0.1:9400; port 0 picks a free one, logged at start)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
     """Run one stage (N copies = N competing consumers), or --all stages for development."""
+    from pipeline.ops.http import parse_address
     from pipeline.runtime.offsets import OffsetReset
     from pipeline.runtime.runner import RunOptions, run_stages
     from pipeline.runtime.transport import Batching
@@ -119,6 +127,7 @@ def run(
         session_timeout_ms=session_timeout_ms,
         offset_reset=OffsetReset.parse(offset_reset),
         unreachable_after=unreachable_after,
+        http=parse_address(http) if http else None,
     )
     address = bootstrap_address(bootstrap)
     # Stage resources that open their own clients (e.g. an enrich table) find the broker here.

@@ -18,6 +18,8 @@ again from its committed offset, with its state restored (``on_lost``).
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from pipeline.runtime.holds import Holds
@@ -85,11 +87,16 @@ class Commits:
         tables = self.table.partitions
         state = {p: tbl.take_dirty() for p, tbl in tables.items() if tbl.pending}
         self.committed.update(offsets)
-        self._inflight = asyncio.create_task(self.transport.commit(offsets, state))
+        task = self._inflight = asyncio.create_task(self.transport.commit(offsets, state))
+        task.add_done_callback(functools.partial(self._timed, time.monotonic()))
         # Let the commit take its snapshot (the transport swaps its buffers before its first
         # await) before anything else is appended: records handled from now on belong to the
         # next commit, even under exactly-once.
         await asyncio.sleep(0)
+
+    def _timed(self, began: float, task: asyncio.Task[set[int]]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.stats.commit_seconds.observe(time.monotonic() - began)
 
     async def settle(self, handled_since: dict[int, int] | None = None) -> None:
         """Wait for the commit in flight; deal with partitions whose transaction was lost.

@@ -144,6 +144,20 @@ class KafkaTransport:
         """Give up an input partition (EOS: close its producer; nothing open is committed)."""
         await self._txn.release(partition)
 
+    async def lag(self) -> dict[int, int]:
+        """Records behind the end (the high watermark of the last fetch) per owned partition."""
+        consumer, behind = self._consumer, {}
+        for tp in list(consumer.assignment()):
+            end = consumer.highwater(tp)
+            if end is None:
+                continue
+            try:
+                position = await consumer.position(tp)
+            except kerr.KafkaError:  # no position yet (just assigned): unknown, not zero
+                continue
+            behind[tp.partition] = max(0, end - position)
+        return behind
+
     def connected(self) -> bool:
         """Whether the consumer holds a live connection to any broker now.
 

@@ -48,6 +48,7 @@ class RunOptions:
     state_dir: Path | None = None  # RocksDB local stores here; None keeps state in memory
     offset_reset: OffsetReset = OffsetReset()  # a position gone from the log: stop (default)
     unreachable_after: float = 30.0  # no broker for this long: log at ERROR, not ready
+    http: tuple[str, int] | None = None  # serve /metrics, /health, /ready here (port 0: any)
 
 
 async def run_stages(
@@ -74,6 +75,20 @@ async def run_stages(
     await ensure_topics(bootstrap, topic_specs(pipeline), create=options.create_topics)
     stop = stop or asyncio.Event()
     workers = [_worker(pipeline, node, bootstrap, options) for node in nodes]
+    async with contextlib.AsyncExitStack() as surface:
+        if options.http is not None:
+            from pipeline.ops.http import serve  # aiohttp only when asked for
+
+            await surface.enter_async_context(serve(workers, *options.http))
+        return await _run_workers(workers, options, stop, on_stats)
+
+
+async def _run_workers(
+    workers: list[StageWorker],
+    options: RunOptions,
+    stop: asyncio.Event,
+    on_stats: Callable[[list[StageStats]], None] | None,
+) -> list[StageStats]:
     episodes = BrokerEpisodes.install()
     with _signals(stop):
         tasks = [asyncio.create_task(w.run(stop), name=f"stage-{w.node.name}") for w in workers]

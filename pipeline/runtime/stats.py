@@ -8,6 +8,40 @@ from dataclasses import dataclass, field
 
 from pipeline.runtime.deadletter import by_class
 
+
+class Buckets:
+    """A histogram fed once per batch or commit (never per record): cumulative bucket counts
+    and a sum, as Prometheus histograms expose them.
+
+    Example:
+        >>> h = Buckets((0.1, 1.0))
+        >>> h.observe(0.05, count=3); h.observe(0.5)
+        >>> h.counts, h.total, round(h.sum, 2)
+        ([3, 4], 4, 0.65)
+    """
+
+    __slots__ = ("bounds", "counts", "sum", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)  # observations <= each bound (cumulative)
+        self.sum = 0.0
+        self.total = 0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """Record ``count`` observations of ``value`` (a batch's per-record mean, e.g.)."""
+        self.total += count
+        self.sum += value * count
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += count
+
+
+#: Bucket bounds in seconds: per-record handling times, commits, end-to-end latencies.
+RECORD_SECONDS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+COMMIT_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
 #: What a worker is doing (``StageStats.state``); only ``running`` is ready.
 STATES = ("starting", "setup", "restoring", "running", "paused", "probing", "stopped", "failed")
 
@@ -45,6 +79,10 @@ class StageStats:
     state: str = "starting"  # one of STATES
     dead_by_error: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+    # Histograms, fed per batch (inline worker) and per commit: see pipeline.ops.metrics.
+    handle_seconds: Buckets = field(default_factory=lambda: Buckets(RECORD_SECONDS))
+    commit_seconds: Buckets = field(default_factory=lambda: Buckets(COMMIT_SECONDS))
+    latency_seconds: Buckets = field(default_factory=lambda: Buckets(LATENCY_SECONDS))
 
     @property
     def ready(self) -> bool:

@@ -80,6 +80,10 @@ class Transport(Protocol):
                 skipped (the worker's :class:`~pipeline.runtime.offsets.OffsetReset` decides).
         """
 
+    async def lag(self) -> dict[int, int]:
+        """Records behind the end per owned input partition (where known)."""
+        ...
+
     def connected(self) -> bool:
         """Whether a broker is reachable now (as far as the client knows)."""
         ...

@@ -170,6 +170,11 @@ class StageWorker:
         return self.stats
 
     @property
+    def failed(self) -> bool:
+        """Whether the worker stopped on an error (or holds one it will stop on)."""
+        return self._fatal is not None or self.stats.state == "failed"
+
+    @property
     def idle(self) -> bool:
         """Whether no batch is being handled now (for test drivers that move virtual time)."""
         lanes = self._lanes
@@ -242,6 +247,7 @@ class StageWorker:
                 self._check_fatal()
                 owned = t.assignment()
                 handled = {}
+                began = time.monotonic()
                 try:
                     for tp, msgs in batches.items():
                         table = tables.get(tp.partition)
@@ -258,6 +264,7 @@ class StageWorker:
                             await handler.handle_sync_batch(msgs, table)
                 except Tripped:
                     tripped = True
+                _observe(stats, batches, began)
                 # The previous batch's commit ran while this one was handled; finish it, then
                 # start this one's, which runs while the next batch is fetched and handled.
                 offsets = commits.offsets(handled)
@@ -486,6 +493,21 @@ class StageWorker:
                 )
         self.table.close(partition)
         await self.transport.release(partition)
+
+
+def _observe(stats: StageStats, batches: Mapping[Any, list[Any]], began: float) -> None:
+    """Per batch, not per record: the mean handling time of its records, and the end-to-end
+    latency (from the record's timestamp) of each partition's last record, weighted by the
+    number of records it stands for."""
+    n = sum(len(msgs) for msgs in batches.values())
+    if not n:
+        return
+    stats.handle_seconds.observe((time.monotonic() - began) / n, n)
+    now = time.time() * 1000
+    for msgs in batches.values():
+        stamp = msgs[-1].timestamp
+        if stamp and stamp > 0:
+            stats.latency_seconds.observe(max(0.0, now - stamp) / 1000, len(msgs))
 
 
 def _fmt(tps: set[Any]) -> str:

@@ -327,6 +327,10 @@ class MemoryTransport:
     def connected(self) -> bool:
         return True
 
+    async def lag(self) -> dict[int, int]:
+        ends = self.broker.end_offsets(self.input_topic)
+        return {tp.partition: ends[tp.partition] - pos for tp, pos in self._positions.items()}
+
     def assignment(self) -> set[Any]:
         """The input partitions this member owns."""
         return set(self._positions)

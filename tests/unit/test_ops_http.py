@@ -111,12 +111,12 @@ async def test_metrics_health_and_ready_follow_the_worker() -> None:  # noqa: PL
         assert handled == stats.consumed, "every handled record observed once"
         assert counter("pipeline_end_to_end_latency_seconds_count") == stats.consumed
         assert counter("pipeline_record_handle_seconds_bucket", ("le", "+Inf")) == handled
-        worker._fatal = RuntimeError("fenced (test)")
-        status, body = await get(session, f"{url}/health")
-        assert status == 503 and '"failed": ["keep"]' in body
-        worker._fatal = None
         stop.set()
         await task
+        assert (await get(session, f"{url}/health"))[0] == 200  # stopped cleanly: alive
+        worker.stats.state = "failed"  # as a worker that stopped on an error leaves it
+        status, body = await get(session, f"{url}/health")
+        assert status == 503 and '"failed": ["keep"]' in body
 
 
 def test_http_addresses_are_checked() -> None:

@@ -2,7 +2,8 @@
 
 - :mod:`.kafka`: ``pipeline kafka ...``, the local broker or cluster;
 - :mod:`.commands`: ``run``, ``graph``, ``topics``, ``publish``, ``tail``, ``deploy``;
-- :mod:`.dlq`: ``pipeline dlq ...``, dead letters and their replay.
+- :mod:`.dlq`: ``pipeline dlq ...``, dead letters and their replay;
+- :mod:`.status`: ``pipeline status``, lag, rates, instances and their health.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import typer
 from rich.console import Console
 
-from pipeline.cli import commands, dlq, kafka
+from pipeline.cli import commands, dlq, kafka, status
 from pipeline.errors import PipelineError
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.add_typer(kafka.app, name="kafka")
 commands.register(app)
 dlq.register(app)
+status.register(app)
 
 err = Console(stderr=True)
 

@@ -48,6 +48,8 @@ class KafkaTransport:
         exactly_once: Transactions per input partition instead of an idempotent producer.
         batching: Fetch and produce batch sizes.
         session_timeout_ms: How long the group waits for a silent member.
+        advertise: The worker's HTTP surface, told to the group in the consumer's client id
+            (``<group>@<url>``), where ``pipeline status`` finds each member's health.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class KafkaTransport:
         batching: Batching = Batching(),
         session_timeout_ms: int = 10_000,
         read_committed: bool = False,
+        advertise: str | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.group = group
@@ -71,7 +74,7 @@ class KafkaTransport:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group,
-            client_id=group,
+            client_id=group if advertise is None else f"{group}@{advertise}",
             enable_auto_commit=False,
             # Never jump silently: a missing commit is handled in fetch(), an out-of-range
             # position goes to the worker's OffsetReset policy.

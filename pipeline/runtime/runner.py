@@ -74,12 +74,16 @@ async def run_stages(
     _quiet_abandoned_kafka_futures()
     await ensure_topics(bootstrap, topic_specs(pipeline), create=options.create_topics)
     stop = stop or asyncio.Event()
-    workers = [_worker(pipeline, node, bootstrap, options) for node in nodes]
+    workers: list[StageWorker] = []
     async with contextlib.AsyncExitStack() as surface:
+        url = None
         if options.http is not None:
             from pipeline.ops.http import serve  # aiohttp only when asked for
 
-            await surface.enter_async_context(serve(workers, *options.http))
+            # Listening first: the workers tell their group where (``pipeline status`` asks
+            # each member's /health there); the surface serves the list once it is filled.
+            url = await surface.enter_async_context(serve(workers, *options.http))
+        workers.extend(_worker(pipeline, node, bootstrap, options, url) for node in nodes)
         return await _run_workers(workers, options, stop, on_stats)
 
 
@@ -117,7 +121,7 @@ async def _run_workers(
 
 
 def _worker(
-    pipeline: Pipeline, node: StageNode, bootstrap: str, options: RunOptions
+    pipeline: Pipeline, node: StageNode, bootstrap: str, options: RunOptions, url: str | None
 ) -> StageWorker:
     exactly_once = pipeline.delivery is Delivery.EXACTLY_ONCE
     transport = KafkaTransport(
@@ -128,6 +132,7 @@ def _worker(
         exactly_once=exactly_once,
         batching=options.batching,
         session_timeout_ms=options.session_timeout_ms,
+        advertise=url,
     )
     stores = RocksStores(options.state_dir) if options.state_dir else None
     return StageWorker(

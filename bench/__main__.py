@@ -20,6 +20,7 @@ from bench import (
     concurrency,
     dedup_memory,
     delivery,
+    ops_overhead,
     report,
     restore,
     stage_throughput,
@@ -33,6 +34,7 @@ BENCHMARKS = (
     delivery.NAME,
     restore.NAME,
     cluster.NAME,
+    ops_overhead.NAME,
     dedup_memory.NAME,
 )
 NO_BROKER = frozenset({dedup_memory.NAME})
@@ -217,6 +219,19 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                 broker,
                 cluster.Config(
                     records=args.cluster_records,
+                    partitions=args.partitions,
+                    keys=args.keys,
+                    repeat=args.repeat,
+                    results=args.results,
+                ),
+                topics,
+            )
+        if ops_overhead.NAME in args.only:
+            await ops_overhead.run(
+                bootstrap,
+                broker,
+                ops_overhead.Config(
+                    records=args.records,
                     partitions=args.partitions,
                     keys=args.keys,
                     repeat=args.repeat,

@@ -126,7 +126,13 @@ async def wait_for_topic(bootstrap: str, topic: str, partitions: int, limit: flo
 
 
 async def preload(
-    bootstrap: str, topic: str, store: SchemaStore, count: int, keys: int, start: int = 0
+    bootstrap: str,
+    topic: str,
+    store: SchemaStore,
+    count: int,
+    keys: int,
+    start: int = 0,
+    traced: bool = False,
 ) -> float:
     """Publish ``count`` orders with the framework's :class:`Publisher`; return the seconds.
 
@@ -138,7 +144,15 @@ async def preload(
     async with Publisher(
         bootstrap, topic, codec, workload.KEY_FIELD, batch_records=20_000
     ) as publisher:
-        await publisher.publish_many(workload.orders(count, keys, start))
+        if not traced:
+            await publisher.publish_many(workload.orders(count, keys, start))
+        else:  # each event with a W3C traceparent of its own, as a traced caller gives it
+            for i, order in enumerate(workload.orders(count, keys, start)):
+                trace = f"00-{uuid.uuid4().hex}-{i + 1:016x}-01"
+                publisher.buffer(order, traceparent=trace)
+                if i % 20_000 == 19_999:
+                    await publisher.flush()
+            await publisher.flush()
     return time.monotonic() - t0
 
 

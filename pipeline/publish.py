@@ -34,7 +34,15 @@ from aiokafka import errors as kerr
 
 from pipeline.codec import Codec
 from pipeline.errors import ConfigError, EncodeError, PipelineError
-from pipeline.record import ID_HEADER, SEQ_HEADER, WRITER_HEADER, decode_seq, encode_seq
+from pipeline.ops.tracing import current_traceparent, otel_available
+from pipeline.record import (
+    ID_HEADER,
+    SEQ_HEADER,
+    TRACE_HEADER,
+    WRITER_HEADER,
+    decode_seq,
+    encode_seq,
+)
 from pipeline.runtime.kafka import BatchWriter, partition_for, translate
 
 
@@ -112,7 +120,7 @@ class Events:
         >>> key, data, headers = events.record({"order_id": "o-1", "total": 9.5})  # doctest: +SKIP
     """
 
-    __slots__ = ("clock", "codec", "key_field", "writer")
+    __slots__ = ("_otel", "clock", "codec", "key_field", "writer")
 
     def __init__(
         self,
@@ -125,6 +133,7 @@ class Events:
         self.key_field = key_field
         self.clock = clock or SequenceClock()
         self.writer = writer_identity(writer)
+        self._otel = otel_available()  # the caller's span context travels as traceparent
 
     def check(self, value: Any) -> bytes:
         """Validate ``value`` and return its key bytes.
@@ -143,9 +152,15 @@ class Events:
         return str(key).encode()
 
     def record(
-        self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
+        self,
+        value: Any,
+        *,
+        seq: int | None = None,
+        event_id: bytes | str | None = None,
+        traceparent: bytes | str | None = None,
     ) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-        """Key, encoded value and ``seq`` / ``writer`` / ``event-id`` headers of one event.
+        """Key, encoded value and ``seq`` / ``writer`` / ``event-id`` headers of one event
+        (and ``traceparent``: given, or the caller's OpenTelemetry span, if any).
 
         Raises:
             EncodeError: The value breaks the schema or lacks the key field.
@@ -158,15 +173,13 @@ class Events:
             eid = uuid.uuid4().bytes
         else:
             eid = event_id.encode() if isinstance(event_id, str) else event_id
-        return (
-            key,
-            data,
-            [
-                (SEQ_HEADER, encode_seq(seq)),
-                (WRITER_HEADER, self.writer),
-                (ID_HEADER, eid),
-            ],
-        )
+        headers = [(SEQ_HEADER, encode_seq(seq)), (WRITER_HEADER, self.writer), (ID_HEADER, eid)]
+        if traceparent is None and self._otel:
+            traceparent = current_traceparent()
+        if traceparent is not None:
+            trace = traceparent.encode() if isinstance(traceparent, str) else traceparent
+            headers.append((TRACE_HEADER, trace))
+        return key, data, headers
 
 
 class Publisher:
@@ -253,7 +266,12 @@ class Publisher:
         return self._events.check(value)
 
     def buffer(
-        self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
+        self,
+        value: Any,
+        *,
+        seq: int | None = None,
+        event_id: bytes | str | None = None,
+        traceparent: bytes | str | None = None,
     ) -> Stamp:
         """Validate, stamp and buffer one event without sending it; :meth:`flush` sends.
 
@@ -264,7 +282,9 @@ class Publisher:
         Raises:
             EncodeError: The value breaks the schema; nothing was buffered.
         """
-        key, data, headers = self._events.record(value, seq=seq, event_id=event_id)
+        key, data, headers = self._events.record(
+            value, seq=seq, event_id=event_id, traceparent=traceparent
+        )
         writer = self._writer
         if writer is None:
             raise PipelineError("use the publisher inside 'async with Publisher(...)'")
@@ -272,7 +292,12 @@ class Publisher:
         return Stamp(key, decode_seq(headers[0][1]), headers[2][1])
 
     async def publish(
-        self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
+        self,
+        value: Any,
+        *,
+        seq: int | None = None,
+        event_id: bytes | str | None = None,
+        traceparent: bytes | str | None = None,
     ) -> Stamp:
         """Publish one event; return once it is durable (acks=all), with its stamp.
 
@@ -283,6 +308,8 @@ class Publisher:
                 (the same writer), or with the same ``event_id``, is a retransmission that the
                 pipeline's dedup table drops.
             event_id: Its unique id; a random one when omitted.
+            traceparent: A W3C trace context for the event (by default the caller's
+                OpenTelemetry span, when there is one; see :mod:`pipeline.ops.tracing`).
 
         Raises:
             EncodeError: The value breaks the schema; nothing was sent.
@@ -293,7 +320,7 @@ class Publisher:
             >>> stamp = await pub.publish(order)                       # doctest: +SKIP
             >>> await pub.publish(order, seq=stamp.seq, event_id=stamp.event_id)  # doctest: +SKIP
         """
-        stamp = self.buffer(value, seq=seq, event_id=event_id)
+        stamp = self.buffer(value, seq=seq, event_id=event_id, traceparent=traceparent)
         await self._group_flush()
         return stamp
 
@@ -377,12 +404,28 @@ class SyncPublisher:
             self._runner.close()
 
     def publish(
-        self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
+        self,
+        value: Any,
+        *,
+        seq: int | None = None,
+        event_id: bytes | str | None = None,
+        traceparent: bytes | str | None = None,
     ) -> Stamp:
-        return self._runner.run(self._publisher.publish(value, seq=seq, event_id=event_id))
+        trace = traceparent or self._caller_trace()  # the caller's span, read in its context
+        return self._runner.run(
+            self._publisher.publish(value, seq=seq, event_id=event_id, traceparent=trace)
+        )
+
+    def _caller_trace(self) -> bytes | None:
+        return current_traceparent() if self._publisher._events._otel else None
 
     def buffer(
-        self, value: Any, *, seq: int | None = None, event_id: bytes | str | None = None
+        self,
+        value: Any,
+        *,
+        seq: int | None = None,
+        event_id: bytes | str | None = None,
+        traceparent: bytes | str | None = None,
     ) -> Stamp:
         return self._publisher.buffer(value, seq=seq, event_id=event_id)
 

@@ -21,6 +21,7 @@ SEQ_HEADER = "seq"
 WRITER_HEADER = "writer"
 ID_HEADER = "event-id"
 PART_HEADER = "seq-part"
+TRACE_HEADER = "traceparent"  # W3C trace context (pipeline.ops.tracing)
 
 Headers = Sequence[tuple[str, bytes]]
 

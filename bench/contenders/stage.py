@@ -74,12 +74,14 @@ async def run_stage(
     batching: Batching = Batching(),
     label: str = "stage",
     time_limit: float = 600,
+    ops: bool = False,
     wrap: Callable[[Awaitable[list[StageStats]]], Awaitable[list[StageStats]]] | None = None,
 ) -> common.RunResult:
     """Run ``stage`` over ``source`` until its commits cover ``target`` records.
 
     Args:
         time_limit: Give up (and report an error) after this many seconds.
+        ops: Serve the HTTP surface (``/metrics`` on a free port) and make a span per record.
         wrap: Runs the worker coroutine (e.g. under a profiler); called with it, awaited.
     """
     pipeline = Pipeline(
@@ -98,7 +100,12 @@ async def run_stage(
     await common.wait_for_topic(bootstrap, node.output_topic, partitions)
     result = common.RunResult(label, notes={"output_topic": node.output_topic})
     probe = common.Probe(target)
-    options = RunOptions(batching=batching, shutdown_timeout=60)
+    options = RunOptions(
+        batching=batching,
+        shutdown_timeout=60,
+        http=("127.0.0.1", 0) if ops else None,
+        tracing=ops,
+    )
     warnings_before, common.TALLY.first = common.TALLY.count, []
     try:
         with instrumented(probe):

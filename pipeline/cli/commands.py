@@ -103,6 +103,13 @@ def run(
             "(e.g. 127.0.0.1:9400; port 0 picks a free one, logged at start)."
         ),
     ] = None,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            help="An OpenTelemetry span per record, joined to its traceparent "
+            "(needs the otel extra; the SDK and exporter are the application's)."
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
     """Run one stage (N copies = N competing consumers), or --all stages for development."""
@@ -128,6 +135,7 @@ def run(
         offset_reset=OffsetReset.parse(offset_reset),
         unreachable_after=unreachable_after,
         http=parse_address(http) if http else None,
+        tracing=trace,
     )
     address = bootstrap_address(bootstrap)
     # Stage resources that open their own clients (e.g. an enrich table) find the broker here.

@@ -54,6 +54,7 @@ class RecordHandler:
         stats: StageStats,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        tracing: bool = False,
     ) -> None:
         stage = node.stage
         self.node = node
@@ -71,7 +72,12 @@ class RecordHandler:
         self._class_log = ClassLog(node.name)
         # The plain path: no dedup, no parking, f(value) only, sync. No headers are read and
         # no Record is built unless a call fails.
-        self._plain = not (self._gate.active or stage.wants_record or stage.is_async)
+        self._plain = not (self._gate.active or stage.wants_record or stage.is_async or tracing)
+        if tracing:  # a span per call, joined to the record's traceparent
+            from pipeline.ops.tracing import traced
+
+            name = f"{node.pipeline}.{stage.name}"
+            self._invoke = traced(self._invoke, name, is_async=stage.is_async)
         self._fn = stage.fn
         self.output = Output(transport, node.output_topic, self._encode, stats)
         self.holds = Holds(stage.breaker, clock)

@@ -49,6 +49,7 @@ class RunOptions:
     offset_reset: OffsetReset = OffsetReset()  # a position gone from the log: stop (default)
     unreachable_after: float = 30.0  # no broker for this long: log at ERROR, not ready
     http: tuple[str, int] | None = None  # serve /metrics, /health, /ready here (port 0: any)
+    tracing: bool = False  # an OpenTelemetry span per record (pipeline.ops.tracing)
 
 
 async def run_stages(
@@ -143,6 +144,7 @@ def _worker(
         stores=stores,
         exactly_once=exactly_once,
         offset_reset=options.offset_reset,
+        tracing=options.tracing,
     )
 
 

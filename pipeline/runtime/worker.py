@@ -74,6 +74,7 @@ class StageWorker:
         offset_reset: What to do when a position is gone from the log (stop, by default).
         clock: Seconds, monotonic: when held records are overdue and pauses end (virtual in
             tests, with ``sleep``).
+        tracing: A span per call of the stage function (see :mod:`pipeline.ops.tracing`).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class StageWorker:
         stats: StageStats | None = None,
         offset_reset: OffsetReset = OffsetReset(),
         clock: Callable[[], float] = time.monotonic,
+        tracing: bool = False,
     ) -> None:
         self.node = node
         self.transport = transport
@@ -97,7 +99,9 @@ class StageWorker:
         self.offset_reset = offset_reset
         self.stats = stats or StageStats(node.stage.name)
         self.table = StateTable(node.state_topic, node.stage.dedup, stores, self.stats)
-        self.handler = RecordHandler(node, schemas, transport, self.stats, sleep, clock)
+        self.handler = RecordHandler(
+            node, schemas, transport, self.stats, sleep, clock, tracing=tracing
+        )
         self.commits = Commits(transport, self.table, self.stats, self.handler.holds, self._lost)
         self._lock = asyncio.Lock()  # held while a batch is between fetch and commit
         self._lanes: KeyLanes | None = None

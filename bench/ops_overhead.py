@@ -1,0 +1,92 @@
+"""Benchmark ``ops_overhead``: what metrics and tracing cost a stage.
+
+The same stage (``stage_throughput``'s, dedup off) over the same pre-loaded input, whose
+records each carry a W3C ``traceparent``, in the same run, runs alternating:
+
+- ``stage``: plain (no HTTP surface, no spans; the headers are passed through);
+- ``stage_ops``: with ``--http`` (``/metrics`` served from the same event loop) and ``--trace``
+  (a span per record joined to its traceparent, through OpenTelemetry's API with no SDK
+  installed, i.e. what tracing costs a stage before any exporter).
+
+``ratio`` = stage_ops / stage (best run of each); target >= 0.95.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from bench import common, report, workload
+from bench.contenders.stage import run_stage, sync_price_stage
+
+NAME = "ops_overhead"
+CONTENDERS = ("stage", "stage_ops")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    records: int = 200_000
+    partitions: int = 3
+    keys: int = 10_000
+    repeat: int = 3
+    results: Path = report.RESULTS
+
+
+async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:
+    store = workload.schema_store()
+    load_at_start = common.load_average()
+    source = common.unique("ops")
+    await topics.create(source)
+    seconds = await common.preload(
+        bootstrap, source, store, config.records, config.keys, traced=True
+    )
+    print(f"[{NAME}] pre-loaded {config.records:,} traced records in {seconds:.1f}s")
+    runs: dict[str, list[common.RunResult]] = {c: [] for c in CONTENDERS}
+    for r in range(config.repeat):
+        for name in CONTENDERS if r % 2 == 0 else tuple(reversed(CONTENDERS)):
+            result = await run_stage(
+                bootstrap,
+                source=source,
+                store=store,
+                stage=sync_price_stage(),
+                target=config.records,
+                partitions=config.partitions,
+                topics=topics,
+                label=name,
+                ops=name == "stage_ops",
+            )
+            runs[name].append(result)
+            rate = result.records_per_s
+            told = f"error {result.error}" if rate is None else f"{rate:,.0f} rec/s"
+            print(f"[{NAME}] {name}: {told}")
+            await common.settle()
+    summaries = {name: report.summarize(results) for name, results in runs.items()}
+    ratio = report.ratio(summaries, "stage_ops", "stage")
+    doc = {
+        "benchmark": NAME,
+        "ratio": ratio,
+        "ratio_of_medians": report.ratio(summaries, "stage_ops", "stage", "median"),
+        "targets": {"ratio_at_least_0.95": None if ratio is None else ratio >= 0.95},
+        "conditions": {
+            "records": config.records,
+            "record_bytes_mean": round(common.record_bytes(store, keys=config.keys), 1),
+            "traceparent_bytes": 66,
+            "partitions": config.partitions,
+            "keys": config.keys,
+            "repeat": config.repeat,
+            "broker": broker,
+            "stage_ops": "--http 127.0.0.1:0 and --trace (OpenTelemetry API, no SDK)",
+            "timing": "first records received -> commit covering the last record",
+            "load_average_1_5_15min_at_start": load_at_start,
+            **common.machine(),
+        },
+        "contenders": summaries,
+    }
+    print()
+    title = f"{NAME}: {config.records:,} traced records, one stage, best of {config.repeat}"
+    print(report.table(title, summaries, "stage"))
+    print(f"ratio stage_ops/stage: {ratio}")
+    path = report.write(NAME, doc, config.results)
+    print(f"[{NAME}] results: {path}")
+    return doc

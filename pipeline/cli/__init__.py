@@ -3,7 +3,8 @@
 - :mod:`.kafka`: ``pipeline kafka ...``, the local broker or cluster;
 - :mod:`.commands`: ``run``, ``graph``, ``topics``, ``publish``, ``tail``, ``deploy``;
 - :mod:`.dlq`: ``pipeline dlq ...``, dead letters and their replay;
-- :mod:`.status`: ``pipeline status``, lag, rates, instances and their health.
+- :mod:`.status`: ``pipeline status``, lag, rates, instances and their health;
+- :mod:`.up`: ``pipeline up``, every stage as a supervised process.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import typer
 from rich.console import Console
 
-from pipeline.cli import commands, dlq, kafka, status
+from pipeline.cli import commands, dlq, kafka, status, up
 from pipeline.errors import PipelineError
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.add_typer(kafka.app, name="kafka")
 commands.register(app)
 dlq.register(app)
 status.register(app)
+up.register(app)
 
 err = Console(stderr=True)
 

@@ -1,25 +1,50 @@
 """Deployment files for a pipeline: one service per stage, scaled on its own.
 
-``pipeline deploy compose MODULE:PIPELINE`` prints a docker-compose file (a single-node KRaft
-Kafka plus one service per stage, each running ``pipeline run MODULE:PIPELINE --stage NAME``);
-``pipeline deploy k8s MODULE:PIPELINE`` prints Kubernetes Deployments, one per stage. Both are
-generated from the pipeline itself, so they cannot drift from its stages.
+``pipeline deploy compose MODULE:PIPELINE`` prints a docker-compose file: a single-node KRaft
+Kafka, a one-shot ``setup`` service (creates the pipeline's topics, then runs any ``--setup``
+commands, e.g. seeding a table), and one service per stage running ``pipeline run
+MODULE:PIPELINE --stage NAME --http 0.0.0.0:9400`` with a healthcheck on ``/health``.
+
+``pipeline deploy k8s MODULE:PIPELINE`` prints, per stage, a Deployment (liveness probe on
+``/health``, readiness on ``/ready``, resource requests and limits) and a KEDA ``ScaledObject``
+that scales it on its consumer group's lag, up to the input's partition count (more instances
+than partitions would sit idle).
+
+Both are generated from the pipeline, so they cannot drift from its stages, and written with
+PyYAML. ``compose/docker-compose.yml`` is this output for the orders example (a test keeps it
+so).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
 from pipeline.dsl import Pipeline
 
 KAFKA_IMAGE = "apache/kafka:4.1.1"
+HTTP_PORT = 9400
+_HEALTHCHECK = (
+    f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{HTTP_PORT}/health', "
+    "timeout=2)"
+)
 
 
 def compose(
-    pipeline: Pipeline, ref: str, *, image: str = "kafka-pipeline:latest"
+    pipeline: Pipeline,
+    ref: str,
+    *,
+    image: str = "kafka-pipeline:latest",
+    setup: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """A docker-compose document: Kafka, a topic-creating job, and one service per stage."""
+    """A docker-compose document: Kafka, a setup job, and one service per stage.
+
+    Args:
+        setup: Shell commands the one-shot setup service runs after creating the topics.
+    """
     bootstrap = "kafka:9092"
+    commands = " && ".join([f"pipeline topics create {ref}", *setup])
     services: dict[str, Any] = {
         "kafka": {
             "image": KAFKA_IMAGE,
@@ -45,9 +70,9 @@ def compose(
                 "retries": 30,
             },
         },
-        "topics": {
+        "setup": {
             "image": image,
-            "command": ["pipeline", "topics", "create", ref],
+            "command": ["sh", "-c", commands],
             "environment": {"PIPELINE_BOOTSTRAP": bootstrap},
             "depends_on": {"kafka": {"condition": "service_healthy"}},
         },
@@ -55,13 +80,22 @@ def compose(
     for node in pipeline.nodes():
         services[f"stage-{node.name}"] = {
             "image": image,
-            "command": ["pipeline", "run", ref, "--stage", node.name],
+            "command": [
+                "pipeline", "run", ref, "--stage", node.name, "--http", f"0.0.0.0:{HTTP_PORT}",
+            ],
             "environment": {"PIPELINE_BOOTSTRAP": bootstrap},
-            "depends_on": {"topics": {"condition": "service_completed_successfully"}},
+            "depends_on": {"setup": {"condition": "service_completed_successfully"}},
+            "healthcheck": {
+                "test": ["CMD", "python", "-c", _HEALTHCHECK],
+                "interval": "10s",
+                "timeout": "3s",
+                "retries": 3,
+                "start_period": "30s",
+            },
             "restart": "on-failure",
             "stop_grace_period": "40s",  # the worker drains and commits on SIGTERM
             "deploy": {"replicas": 1},
-        }
+        }  # fmt: skip
     return {"name": pipeline.name.replace(".", "-"), "services": services}
 
 
@@ -71,12 +105,30 @@ def kubernetes(
     *,
     image: str = "kafka-pipeline:latest",
     bootstrap: str = "kafka:9092",
+    lag_threshold: int = 1000,
 ) -> list[dict[str, Any]]:
-    """One Deployment per stage; scale a stage with its replica count (up to its partitions)."""
-    docs = []
+    """Per stage a Deployment with probes and resources, and a KEDA ScaledObject on its lag."""
+    docs: list[dict[str, Any]] = []
     for node in pipeline.nodes():
         name = f"{pipeline.name}-{node.name}".replace(".", "-").replace("_", "-").lower()
         labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": pipeline.name}
+        probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
+        container = {
+            "name": "stage",
+            "image": image,
+            "args": ["pipeline", "run", ref, "--stage", node.name, "--http",
+                     f"0.0.0.0:{HTTP_PORT}"],
+            "env": [{"name": "PIPELINE_BOOTSTRAP", "value": bootstrap}],
+            "ports": [{"name": "http", "containerPort": HTTP_PORT}],
+            "livenessProbe": {**probe, "initialDelaySeconds": 10, "failureThreshold": 3},
+            "readinessProbe": {
+                "httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5,
+            },
+            "resources": {
+                "requests": {"cpu": "250m", "memory": "256Mi"},
+                "limits": {"memory": "1Gi"},
+            },
+        }  # fmt: skip
         docs.append(
             {
                 "apiVersion": "apps/v1",
@@ -87,61 +139,38 @@ def kubernetes(
                     "selector": {"matchLabels": labels},
                     "template": {
                         "metadata": {"labels": labels},
-                        "spec": {
-                            "terminationGracePeriodSeconds": 40,
-                            "containers": [
-                                {
-                                    "name": "stage",
-                                    "image": image,
-                                    "args": ["pipeline", "run", ref, "--stage", node.name],
-                                    "env": [{"name": "PIPELINE_BOOTSTRAP", "value": bootstrap}],
-                                    "resources": {
-                                        "requests": {"cpu": "250m", "memory": "256Mi"},
-                                        "limits": {"memory": "1Gi"},
-                                    },
-                                }
-                            ],
-                        },
+                        "spec": {"terminationGracePeriodSeconds": 40, "containers": [container]},
                     },
+                },
+            }
+        )
+        docs.append(
+            {
+                "apiVersion": "keda.sh/v1alpha1",
+                "kind": "ScaledObject",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "scaleTargetRef": {"name": name},
+                    "minReplicaCount": 1,
+                    # More instances than input partitions would sit idle.
+                    "maxReplicaCount": pipeline.topics.partitions,
+                    "triggers": [
+                        {
+                            "type": "kafka",
+                            "metadata": {
+                                "bootstrapServers": bootstrap,
+                                "consumerGroup": node.group,
+                                "topic": node.input_topic,
+                                "lagThreshold": str(lag_threshold),
+                            },
+                        }
+                    ],
                 },
             }
         )
     return docs
 
 
-def to_yaml(doc: Any, indent: int = 0) -> str:
-    """Block-style YAML for dicts, lists and scalars (strings always quoted: no surprises)."""
-    pad = "  " * indent
-    if isinstance(doc, dict):
-        if not doc:
-            return "{}\n"
-        lines = []
-        for key, value in doc.items():
-            if isinstance(value, dict | list) and value:
-                lines.append(f"{pad}{key}:\n{to_yaml(value, indent + 1)}")
-            else:
-                lines.append(f"{pad}{key}: {_scalar(value)}\n")
-        return "".join(lines)
-    if isinstance(doc, list):
-        lines = []
-        for item in doc:
-            if isinstance(item, dict | list) and item:
-                body = to_yaml(item, indent + 1)
-                lines.append(f"{pad}- {body[len(pad) + 2 :]}")
-            else:
-                lines.append(f"{pad}- {_scalar(item)}\n")
-        return "".join(lines)
-    return f"{pad}{_scalar(doc)}\n"
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, dict):
-        return "{}"
-    if isinstance(value, list):
-        return "[]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+def to_yaml(docs: list[dict[str, Any]]) -> str:
+    """One YAML stream (documents separated by ``---``), keys in the order written."""
+    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=100)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -308,11 +309,19 @@ ImageOpt = Annotated[str, typer.Option(help="Container image with the project in
 def deploy_compose(
     ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")],
     image: ImageOpt = "kafka-pipeline:latest",
+    setup: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A shell command the one-shot setup service runs after creating "
+            "the topics (e.g. seeding a table); repeatable."
+        ),
+    ] = None,
 ) -> None:
-    """Print a docker-compose file: Kafka plus one service per stage."""
+    """Print a docker-compose file: Kafka, a setup job, one service per stage."""
     from pipeline.deploy import compose, to_yaml
 
-    print(to_yaml(compose(load_pipeline(ref), ref, image=image)), end="")
+    doc = compose(load_pipeline(ref), ref, image=image, setup=tuple(setup or ()))
+    sys.stdout.write(to_yaml([doc]))
 
 
 def deploy_k8s(
@@ -322,8 +331,8 @@ def deploy_k8s(
         "kafka:9092"
     ),
 ) -> None:
-    """Print Kubernetes Deployments, one per stage."""
+    """Print per stage a Deployment (probes, resources) and a KEDA ScaledObject on its lag."""
     from pipeline.deploy import kubernetes, to_yaml
 
     docs = kubernetes(load_pipeline(ref), ref, image=image, bootstrap=bootstrap)
-    print("---\n".join(to_yaml(d) for d in docs), end="")
+    sys.stdout.write(to_yaml(docs))

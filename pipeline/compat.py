@@ -76,8 +76,7 @@ def _explain(
     visiting.add((id(reader), id(writer)))  # recursive types
     problems: list[str] = []
     if isinstance(reader, avsc.RecordSchema) and isinstance(writer, avsc.RecordSchema):
-        if not compat.schema_name_equals(reader, writer):
-            problems.append(_at(path, _name_mismatch(reader, writer)))
+        renamed = not compat.schema_name_equals(reader, writer)
         for reader_field in reader.fields:
             where = f"{path}.{reader_field.name}" if path else reader_field.name
             writer_field = compat.lookup_writer_field(writer, reader_field)
@@ -85,6 +84,10 @@ def _explain(
                 problems += _explain(checker, reader_field.type, writer_field.type, where, visiting)
             elif not reader_field.has_default:
                 problems.append(_at(where, "reader field without default missing in writer"))
+        if renamed:
+            # An alias fixes a name only: hint it when the fields would read, else just say
+            # that the types differ (the field problems say how).
+            problems.insert(0, _at(path, _name_mismatch(reader, writer, hint=not problems)))
     elif isinstance(reader, avsc.UnionSchema) or isinstance(writer, avsc.UnionSchema):
         readers = reader.schemas if isinstance(reader, avsc.UnionSchema) else [reader]
         for branch in writer.schemas if isinstance(writer, avsc.UnionSchema) else [writer]:
@@ -98,11 +101,11 @@ def _explain(
     return problems or [_at(path, _leaf_reason(result, reader, writer))]
 
 
-def _name_mismatch(reader: avsc.NamedSchema, writer: avsc.NamedSchema) -> str:
-    return (
-        f"reader type {reader.fullname} does not match writer type {writer.fullname}; "
-        f'add "aliases": ["{writer.fullname}"] to the reader'
-    )
+def _name_mismatch(reader: avsc.NamedSchema, writer: avsc.NamedSchema, *, hint: bool = True) -> str:
+    told = f"reader type {reader.fullname} does not match writer type {writer.fullname}"
+    if not hint:
+        return told
+    return f'{told}; add "aliases": ["{writer.fullname}"] to the reader'
 
 
 def _leaf_reason(result: compat.SchemaCompatibilityResult, reader: Any, writer: Any) -> str:

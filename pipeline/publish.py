@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kerr
 
 from pipeline.codec import Codec
-from pipeline.errors import ConfigError, EncodeError, PipelineError
+from pipeline.errors import ConfigError, EncodeError, PipelineError, TopicError
 from pipeline.ops.tracing import current_traceparent, otel_available
 from pipeline.record import (
     ID_HEADER,
@@ -237,10 +237,25 @@ class Publisher:
         self._writer = BatchWriter(producer)
         try:
             await producer.start()
+            # Ask once for every topic: a missing topic is an error now, not 30 s of the
+            # client's retries and warnings.
+            for _ in range(10):  # a topic created a moment ago may not be known everywhere yet
+                known = await asyncio.wait_for(producer.client.fetch_all_metadata(), 30)
+                if known.partitions_for_topic(self.topic) is not None:
+                    break
+                await asyncio.sleep(0.3)
+            else:
+                raise TopicError(
+                    f"topic {self.topic} does not exist; create it with 'pipeline topics "
+                    f"create MODULE:PIPELINE' (or let the pipeline's first stage create it)",
+                    topic=self.topic,
+                )
             parts = await asyncio.wait_for(producer.partitions_for(self.topic), 30)
-        except (kerr.KafkaError, TimeoutError) as exc:
+        except (kerr.KafkaError, TimeoutError, TopicError) as exc:
             with contextlib.suppress(Exception):
                 await producer.stop()
+            if isinstance(exc, TopicError):
+                raise
             if isinstance(exc, TimeoutError):
                 raise PipelineError(
                     f"topic {self.topic} does not exist (or no broker answers); create it with "

@@ -174,7 +174,7 @@ class Demo:
                 await asyncio.sleep(0.25)
         self.console.print(
             f"stage processes up in {time.monotonic() - started:.1f}s: {pids} "
-            f"(logs and stats files in {self.workdir})"
+            f"(logs and stats files in {self.workdir}; kept if the run fails, or with --workdir)"
         )
 
     # -- publishing and draining ----------------------------------------------------------

@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from pipeline.cli import commands, dlq, kafka, status, up
+from pipeline.cli.console import console
 from pipeline.errors import PipelineError
 
 app = typer.Typer(
@@ -28,7 +31,17 @@ dlq.register(app)
 status.register(app)
 up.register(app)
 
-err = Console(stderr=True)
+err = console(stderr=True)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On an error, print the traceback too.")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ["PIPELINE_DEBUG"] = "1"
 
 
 def main() -> None:
@@ -36,5 +49,7 @@ def main() -> None:
     try:
         app()
     except PipelineError as exc:
+        if os.environ.get("PIPELINE_DEBUG"):
+            traceback.print_exception(exc)
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -11,15 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline.cli.console import console
 from pipeline.config import Settings
-from pipeline.errors import CodecError, ConfigError, DecodeError, PipelineError
+from pipeline.errors import CodecError, ConfigError, DecodeError, TopicError
 from pipeline.loader import load_pipeline
 
-out = Console()
-err = Console(stderr=True)
+out = console()
+err = console(stderr=True)
 
 BootstrapOpt = Annotated[
     str | None,
@@ -124,7 +125,9 @@ def run(
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     pipeline = load_pipeline(ref)
-    if all_stages == bool(stage):
+    if all_stages and stage:
+        raise ConfigError("--all runs every stage: give either --all or --stage NAME, not both")
+    if not all_stages and not stage:
         raise ConfigError("say which stages to run: --stage NAME (repeatable) or --all")
     names = [s.name for s in pipeline.stages] if all_stages else list(stage or [])
     options = RunOptions(
@@ -142,8 +145,8 @@ def run(
     # Stage resources that open their own clients (e.g. an enrich table) find the broker here.
     os.environ["PIPELINE_BOOTSTRAP"] = address
     stats = asyncio.run(run_stages(pipeline, names, address, options=options))
-    for s in stats:
-        err.print(json.dumps(s.as_dict()), highlight=False)
+    for s in stats:  # one JSON line per stage, never wrapped
+        sys.stderr.write(json.dumps(s.as_dict()) + "\n")
 
 
 def graph(ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")]) -> None:
@@ -246,12 +249,16 @@ def publish(
 def tail(
     topic: Annotated[str, typer.Argument()],
     schemas: SchemasOpt = Path("schemas"),
-    limit: Annotated[int, typer.Option(help="Stop after N records (0: follow).")] = 20,
+    limit: Annotated[int, typer.Option(help="Stop after N records (0: no limit).")] = 20,
+    follow: Annotated[
+        bool,
+        typer.Option(help="Keep waiting for new records (Ctrl-C stops); else stop at the end."),
+    ] = False,
     from_beginning: Annotated[bool, typer.Option(help="Start at the oldest record.")] = True,
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Print a topic's records, decoded (raw bytes when they are not valid records)."""
-    from aiokafka import AIOKafkaConsumer
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from pipeline.record import SEQ_HEADER, decode_seq
     from pipeline.schema import SchemaStore
@@ -270,17 +277,28 @@ def tail(
 
     async def go() -> None:
         consumer = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=address,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest" if from_beginning else "latest",
-            isolation_level="read_committed",
+            bootstrap_servers=address, enable_auto_commit=False, isolation_level="read_committed"
         )
         await consumer.start()
         shown = 0
         try:
+            known = await consumer._client.fetch_all_metadata()
+            parts = known.partitions_for_topic(topic)
+            if parts is None:
+                raise TopicError(f"topic {topic} does not exist", topic=topic)
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            if from_beginning:
+                await consumer.seek_to_beginning(*tps)
+            else:
+                await consumer.seek_to_end(*tps)
+            # Without --follow, stop at the end the topic has now.
+            ends = await consumer.end_offsets(tps)
             while not limit or shown < limit:
-                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                positions = [await consumer.position(tp) for tp in tps]
+                if not follow and all(p >= ends[tp] for p, tp in zip(positions, tps, strict=True)):
+                    return
+                for records in (await consumer.getmany(timeout_ms=500)).values():
                     for r in records:
                         seq = dict(r.headers).get(SEQ_HEADER)
                         key = (r.key or b"").decode(errors="replace")
@@ -295,12 +313,8 @@ def tail(
         finally:
             await consumer.stop()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(go())
-    except KeyboardInterrupt:
-        pass
-    except PipelineError:
-        raise
 
 
 ImageOpt = Annotated[str, typer.Option(help="Container image with the project installed.")]

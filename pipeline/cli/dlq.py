@@ -7,15 +7,15 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipeline.cli.commands import BootstrapOpt, bootstrap_address
+from pipeline.cli.console import console
 from pipeline.loader import load_pipeline
 
-out = Console()
-err = Console(stderr=True)
+out = console()
+err = console(stderr=True)
 
 RefArg = Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")]
 StageArg = Annotated[str, typer.Argument(metavar="STAGE", help="Stage name.")]

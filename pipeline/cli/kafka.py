@@ -11,9 +11,9 @@ import shutil
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli.console import console
 from pipeline.config import Settings
 from pipeline.errors import LocalBrokerError
 
@@ -25,7 +25,7 @@ app = typer.Typer(
     help="Run a local Apache Kafka broker, or a replicated cluster (--brokers 3).",
     no_args_is_help=True,
 )
-out = Console()
+out = console()
 
 NodeArg = Annotated[
     int | None,

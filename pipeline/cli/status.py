@@ -8,15 +8,15 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from pipeline.cli.commands import BootstrapOpt, bootstrap_address
+from pipeline.cli.console import console
 from pipeline.loader import load_pipeline
 from pipeline.ops.status import StageStatus, pipeline_status
 
-out = Console()
+out = console()
 
 
 def register(app: typer.Typer) -> None:

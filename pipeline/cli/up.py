@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.live import Live
 
 from pipeline.cli.commands import BootstrapOpt, bootstrap_address
+from pipeline.cli.console import console
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.loader import load_pipeline
 from pipeline.ops.supervisor import Instance, Supervisor
 
-out = Console(stderr=True)
+out = console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:

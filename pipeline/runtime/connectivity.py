@@ -70,6 +70,9 @@ class BrokerEpisodes(logging.Filter):
         self.quiet = quiet
         self.clock = clock
         self.errors = 0  # transient broker errors seen, in all episodes
+        # Until the stages run, a coordinator that is not there yet (a fresh broker creating
+        # its offsets topic) is a normal start-up state: said at INFO, not as trouble.
+        self.starting = True
         self.episodes = 0
         self._since: float | None = None  # start of the open episode
         self._last = 0.0
@@ -108,19 +111,24 @@ class BrokerEpisodes(logging.Filter):
             return False  # counted; the episode's first line said it all
         self._since = now
         self.episodes += 1
-        record.msg = (
-            "Kafka broker trouble: %s; retrying with backoff (further broker errors are "
-            "counted, not logged, until it is over)"
-        )
+        if self.starting:
+            record.msg = "waiting for Kafka while starting: %s"
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        else:
+            record.msg = (
+                "Kafka broker trouble: %s; retrying with backoff (further broker errors are "
+                "counted, not logged, until it is over)"
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.args = (message,)
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
+        return record.levelno >= logging.getLogger(record.name).getEffectiveLevel()
 
     def tick(self) -> None:
         """Close the episode when it has been quiet long enough (called once a second)."""
         if self._since is None or self.clock() - self._last < self.quiet:
             return
-        log.warning(
+        log.log(
+            logging.INFO if self.starting else logging.WARNING,
             "Kafka broker trouble over after %.1fs (%d broker errors retried)",
             self._last - self._since, self._in_episode,
         )  # fmt: skip

@@ -29,6 +29,8 @@ from pipeline.runtime.worker import StageWorker
 
 log = logging.getLogger(__name__)
 
+_STARTING = frozenset({"starting", "setup", "restoring"})
+
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
@@ -163,6 +165,8 @@ async def _report(
     while not stop.is_set():
         await asyncio.sleep(options.stats_interval)
         episodes.tick()
+        if episodes.starting and all(w.stats.state not in _STARTING for w in workers):
+            episodes.starting = False  # from now on, broker errors are trouble
         for worker, link in zip(workers, links, strict=True):
             worker.stats.reachable = link.check()
             worker.stats.broker_errors = episodes.errors

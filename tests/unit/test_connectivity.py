@@ -33,6 +33,7 @@ def test_a_broker_outage_is_one_line_then_counted_then_one_line_when_over(
 ) -> None:
     clock = Clock()
     episodes = BrokerEpisodes(quiet=5, clock=clock)
+    episodes.starting = False  # the stages run: this is trouble
     storm = [
         "Unable connect to node with id 1: [Errno 111] Connect call failed",
         "Failed fetch messages from 1: NodeNotReadyError",
@@ -61,6 +62,22 @@ def test_a_broker_outage_is_one_line_then_counted_then_one_line_when_over(
     assert "trouble over after 2.0s (200 broker errors retried)" in caplog.text
     assert episodes.filter(record("Unable connect to node with id 2"))  # a new episode
     assert episodes.episodes == 2
+
+
+def test_while_starting_a_coordinator_not_there_yet_is_not_trouble() -> None:
+    """A fresh broker answers GroupCoordinatorNotAvailable until its offsets topic exists:
+    before the stages run, that is said at INFO (dropped where aiokafka logs at WARNING)."""
+    episodes = BrokerEpisodes(quiet=5, clock=Clock())
+    rec = record("Group Coordinator Request failed: [Error 15] GroupCoordinatorNotAvailable")
+    logging.getLogger("aiokafka").setLevel(logging.INFO)
+    try:
+        assert episodes.filter(rec)
+        assert rec.levelname == "INFO" and "waiting for Kafka while starting" in rec.getMessage()
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)  # as `pipeline run` sets it
+        assert not episodes.filter(record("GroupCoordinatorNotAvailable")), "counted, unseen"
+    finally:
+        logging.getLogger("aiokafka").setLevel(logging.NOTSET)
+    assert episodes.errors == 2
 
 
 def test_install_attaches_to_every_aiokafka_logger() -> None:

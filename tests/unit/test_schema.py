@@ -526,9 +526,17 @@ def test_incompatible_reports_nested_fields_types_enums_and_names() -> None:
     message = str(err.value)
     assert "field 'c.tier' (writer enum symbols missing in reader: PLATINUM)" in message
     assert "field 'c.age' (reader type: int not compatible with writer type: long)" in message
-    unaliased = {**PRICED, "aliases": []}
+    # Another name and the same fields: an alias is the fix, and the message says so.
+    renamed = {**ENRICHED, "name": "com.example.Priced"}
     with pytest.raises(SchemaCompatibilityError, match=r'add "aliases": \["com\.example\.Enriched'):
+        check(ENRICHED, renamed)
+    # Another name and a field the writer lacks: an alias would not help; no such hint.
+    unaliased = {**PRICED, "aliases": []}
+    with pytest.raises(SchemaCompatibilityError) as err:
         check(ENRICHED, unaliased)
+    assert "aliases" not in str(err.value)
+    assert "does not match writer type com.example.Enriched" in str(err.value)
+    assert "field 'total' (reader field without default missing in writer)" in str(err.value)
 
 
 def test_incompatible_inside_a_union_branch() -> None:

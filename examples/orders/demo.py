@@ -157,8 +157,7 @@ class Demo:
     async def _start_stages(self) -> None:
         """Start the stage processes; wait until each runs (its stats file appears) and,
         briefly, until each has its partitions, so that startup is not counted as latency."""
-        for name in STAGES:
-            self.procs.append(StageProcess(REF, name, self.bootstrap, self.workdir))
+        self.procs = StageProcess.start_all(REF, list(STAGES), self.bootstrap, self.workdir)
         pids = ", ".join(f"{p.stage} {p.proc.pid}" for p in self.procs)
         started = time.monotonic()
         with self.console.status(f"starting {len(self.procs)} stage processes ({pids}) ..."):

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+
+from pipeline.ops.supervisor import Instance, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 Offsets = dict[int, int]  # partition -> offset
@@ -148,38 +149,44 @@ async def _patiently(call: Callable[[], Awaitable[T]], within: float = 30.0) -> 
 
 
 class StageProcess:
-    """One stage as its own OS process: ``python -m pipeline.cli run REF --stage NAME``.
+    """One stage as its own OS process, started by ``pipeline up``'s supervisor
+    (:class:`~pipeline.ops.supervisor.Supervisor`): ``python -m pipeline.cli run REF --stage
+    NAME --http ... --stats-file ...``. The demo does not let the supervisor restart a stage
+    that dies: a crash fails the demo instead of hiding in a restart.
 
     Args:
-        ref: ``MODULE:PIPELINE``.
-        stage: The stage to run.
-        bootstrap: Bootstrap servers.
-        workdir: Where its log (``NAME.log``) and stats file (``NAME.stats.json``) go.
+        instance: The supervised instance (already started).
     """
 
-    def __init__(self, ref: str, stage: str, bootstrap: str, workdir: Path) -> None:
-        self.stage = stage
-        self.log = workdir / f"{stage}.log"
-        self.stats_file = workdir / f"{stage}.stats.json"
-        self.stats_file.unlink(missing_ok=True)
-        cmd = [
-            sys.executable, "-m", "pipeline.cli", "run", ref, "--stage", stage,
-            "--bootstrap", bootstrap, "--stats-file", str(self.stats_file),
-            "--shutdown-timeout", "20",
-        ]  # fmt: skip
-        # The enrich stage's customer table finds its broker through PIPELINE_BOOTSTRAP.
-        env = {**os.environ, "PIPELINE_BOOTSTRAP": bootstrap, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, instance: Instance) -> None:
+        assert instance.proc is not None and instance.stats_file is not None
+        self.instance = instance
+        self.stage = instance.stage
+        self.log = instance.log
+        self.stats_file = instance.stats_file
+        self.proc = instance.proc
         self._stopping = False
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )  # fmt: skip
 
     @property
     def running(self) -> bool:
         """Whether the process has not exited yet."""
         return self.proc.poll() is None
+
+    @classmethod
+    def start_all(
+        cls, ref: str, stages: list[str], bootstrap: str, workdir: Path
+    ) -> list[StageProcess]:
+        """Every stage's process, logs and stats files in ``workdir``."""
+        # The enrich stage's customer table finds its broker through PIPELINE_BOOTSTRAP.
+        supervisor = Supervisor(
+            ref, stages, bootstrap, logs=workdir, stats_dir=workdir, shutdown_timeout=20,
+            env={"PIPELINE_BOOTSTRAP": bootstrap},
+        )  # fmt: skip
+        for inst in supervisor.instances:
+            assert inst.stats_file is not None
+            inst.stats_file.unlink(missing_ok=True)
+        supervisor.start()
+        return [cls(inst) for inst in supervisor.instances]
 
     def stats(self) -> dict[str, Any] | None:
         """The stage's latest counters (``StageStats.as_dict``), or None before the first."""

@@ -47,6 +47,7 @@ class Instance:
     index: int
     port: int
     log: Path
+    stats_file: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     restarts: int = 0
@@ -79,6 +80,8 @@ class Supervisor:
         scale: Instances per stage (1 when not named).
         extra: More ``pipeline run`` arguments for every instance.
         shutdown_timeout: Seconds an instance gets to drain before SIGKILL.
+        stats_dir: Each instance writes its JSON counters to ``<stage>-<index>.json`` here.
+        env: More environment variables for every instance.
     """
 
     def __init__(
@@ -91,19 +94,25 @@ class Supervisor:
         scale: Mapping[str, int] | None = None,
         extra: Sequence[str] = (),
         shutdown_timeout: float = 30.0,
+        stats_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.ref = ref
         self.bootstrap = bootstrap
         self.logs = logs
         self.extra = list(extra)
         self.shutdown_timeout = shutdown_timeout
+        self.env = dict(env or {})
         scale = dict(scale or {})
         logs.mkdir(parents=True, exist_ok=True)
         self.instances = [
-            Instance(stage, i, free_port(), logs / f"{stage}-{i}.log")
+            Instance(
+                stage, i, free_port(), logs / f"{stage}-{i}.log",
+                None if stats_dir is None else stats_dir / f"{stage}-{i}.json",
+            )
             for stage in stages
             for i in range(scale.get(stage, 1))
-        ]
+        ]  # fmt: skip
 
     def _start(self, inst: Instance) -> None:
         cmd = [
@@ -111,13 +120,15 @@ class Supervisor:
             "--bootstrap", self.bootstrap, "--http", f"127.0.0.1:{inst.port}",
             "--shutdown-timeout", str(self.shutdown_timeout), *self.extra,
         ]  # fmt: skip
+        if inst.stats_file is not None:
+            cmd += ["--stats-file", str(inst.stats_file)]
         with inst.log.open("ab") as out:
             inst.proc = subprocess.Popen(
                 cmd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,  # the supervisor forwards signals itself
             )
         inst.started = time.monotonic()

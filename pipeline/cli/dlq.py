@@ -59,13 +59,18 @@ def list_dead_letters(
         out.print_json(json.dumps(summary.as_dict()))
         return
     parts = sorted(summary.by_partition)
-    table = Table(title=f"dead letters of stage '{stage}' ({summary.topic}): {summary.total}")
+    title = f"dead letters of stage '{stage}' ({summary.topic}): {summary.total}"
+    if summary.replayed:
+        title += f", {summary.replayed} of them replayed"
+    table = Table(title=title)
     table.add_column("error class")
     table.add_column("total", justify="right")
+    table.add_column("replayed", justify="right")
     for p in parts:
         table.add_column(f"partition {p}", justify="right")
     for cls, n in summary.by_class.most_common():
-        table.add_row(cls, str(n), *(str(summary.by_partition[p][cls]) for p in parts))
+        replayed = str(summary.replayed_by_class.get(cls, 0))
+        table.add_row(cls, str(n), replayed, *(str(summary.by_partition[p][cls]) for p in parts))
     out.print(table)
 
 

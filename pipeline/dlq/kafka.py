@@ -22,6 +22,7 @@ from pipeline.dlq.records import (
 from pipeline.dsl import Pipeline, StageNode
 from pipeline.errors import PipelineError, TopicError
 from pipeline.runtime.kafka import BatchWriter, partition_for, translate
+from pipeline.runtime.topics import DLQ_RETENTION_MS, TopicSpec, ensure_topics
 
 Progress = Callable[[int, int], None]  # (dead letters read, dead letters to read)
 _FLUSH_EVERY = 2000
@@ -90,6 +91,9 @@ async def summarize(bootstrap: str, pipeline: Pipeline, stage: str) -> DlqSummar
     summary = DlqSummary(stage, node.dlq_topic)
     async for record in read_dead_letters(bootstrap, node.dlq_topic):
         summary.add(record)
+    with contextlib.suppress(TopicError):  # no replay yet: no receipts topic
+        async for receipt in read_dead_letters(bootstrap, receipts_topic(node)):
+            summary.add(receipt)
     return summary
 
 
@@ -105,7 +109,7 @@ async def show(
         async for record in records:
             if len(found) >= limit:
                 break
-            if where.matches(record):
+            if record.receipt is None and where.matches(record):
                 found.append((record, decode_value(pipeline, node, record.value)))
     return found
 
@@ -134,7 +138,10 @@ async def replay(
     """Re-publish the dead letters of ``stage`` that match ``where`` to its input topic.
 
     Reads the dead-letter topic from its beginning to the end offsets found at the start, so
-    records dead-lettered again while the replay runs wait for the next replay.
+    records dead-lettered again while the replay runs wait for the next replay. Once the
+    replayed records are durable, a receipt per replayed dead letter (header ``dlq.receipt``)
+    goes to ``P.S.dlq.replays``, so that ``pipeline dlq list`` tells replayed ones apart; the
+    dead-letter topic itself is left as it was.
 
     Raises:
         DefinitionError: ``pipeline`` has no such stage.
@@ -148,12 +155,35 @@ async def replay(
         async for record in read_dead_letters(bootstrap, node.dlq_topic, progress):
             run.offer(record)
         return run.report
+    receipts = []
     async with _ReplayWriter(bootstrap, node.input_topic) as writer:
         async for record in read_dead_letters(bootstrap, node.dlq_topic, progress):
             item = run.offer(record)
             if item is not None:
                 await writer.write(item)
+                receipts.append(record.receipt_of(run.report.replay_id))
+    # Only once the replayed records are durable: a receipt never claims a replay that did
+    # not happen (``pipeline dlq list`` counts replayed dead letters from them).
+    if receipts:
+        topic = receipts_topic(node)
+        await ensure_topics(bootstrap, [_receipts_spec(node, pipeline)])
+        async with _ReplayWriter(bootstrap, topic) as marks:
+            for receipt in receipts:
+                await marks.write(receipt)
     return run.report
+
+
+def receipts_topic(node: StageNode) -> str:
+    """Where replays of ``node``'s dead letters leave their receipts: ``P.S.dlq.replays``."""
+    return f"{node.dlq_topic}.replays"
+
+
+def _receipts_spec(node: StageNode, pipeline: Pipeline) -> TopicSpec:
+    return TopicSpec(
+        receipts_topic(node), f"replay receipts of '{node.name}'", pipeline.topics.partitions,
+        pipeline.topics.replication, {"retention.ms": DLQ_RETENTION_MS},
+        pipeline.topics.min_insync,
+    )  # fmt: skip
 
 
 class _ReplayWriter:

@@ -72,6 +72,24 @@ class DeadLetterRecord:
         return self.header(dl.TRACEBACK)
 
     @property
+    def receipt(self) -> tuple[int, int] | None:
+        """For a replay receipt: the dead letter it says was replayed (partition, offset)."""
+        text = self.header(dl.RECEIPT)
+        part, sep, off = text.partition("@")
+        if not sep or _int(part, -1) < 0 or _int(off, -1) < 0:
+            return None
+        return int(part), int(off)
+
+    def receipt_of(self, replay_id: str) -> ReplayItem:
+        """The receipt that says this dead letter was replayed by run ``replay_id``."""
+        headers = [
+            (dl.RECEIPT, f"{self.partition}@{self.offset}".encode()),
+            (dl.REPLAYED, replay_id.encode()),
+            (dl.ERROR_CLASS, self.error_class.encode()),
+        ]
+        return ReplayItem(self.key, None, headers, self.partition)
+
+    @property
     def origin(self) -> tuple[str, int, int] | None:
         """The input topic, partition and offset the record was dead-lettered from."""
         topic, part, off = self.header(dl.TOPIC), self.header(dl.PARTITION), self.header(dl.OFFSET)
@@ -203,8 +221,11 @@ class Replay:
         self._seen: set[tuple[str, int, int]] = set()
 
     def offer(self, record: DeadLetterRecord) -> ReplayItem | None:
-        """The record to re-publish for this dead letter, or ``None`` (unmatched or a copy)."""
+        """The record to re-publish for this dead letter, or ``None`` (unmatched, a copy, or
+        a replay receipt)."""
         report = self.report
+        if record.receipt is not None:
+            return None
         report.read += 1
         if not self.where.matches(record):
             return None
@@ -237,16 +258,30 @@ class DlqSummary:
     total: int = 0
     by_class: Counter[str] = field(default_factory=Counter)
     by_partition: dict[int, Counter[str]] = field(default_factory=dict)
+    replayed_by_class: Counter[str] = field(default_factory=Counter)  # from replay receipts
+    _receipts: set[tuple[int, int]] = field(default_factory=set)
 
     def add(self, record: DeadLetterRecord) -> None:
+        receipt = record.receipt
+        if receipt is not None:  # not a dead letter: a mark that one was replayed
+            if receipt not in self._receipts:  # (replayed twice: counted once)
+                self._receipts.add(receipt)
+                self.replayed_by_class[record.error_class] += 1
+            return
         self.total += 1
         self.by_class[record.error_class] += 1
         self.by_partition.setdefault(record.partition, Counter())[record.error_class] += 1
 
+    @property
+    def replayed(self) -> int:
+        return sum(self.replayed_by_class.values())
+
     def as_dict(self) -> dict[str, object]:
         return {
             "stage": self.stage, "topic": self.topic, "total": self.total,
+            "replayed": self.replayed,
             "by_class": dict(self.by_class),
+            "replayed_by_class": dict(self.replayed_by_class),
             "by_partition": {str(p): dict(c) for p, c in sorted(self.by_partition.items())},
         }  # fmt: skip
 

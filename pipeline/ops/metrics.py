@@ -18,6 +18,9 @@ in seconds, ``pipeline`` and ``stage`` labels on everything):
 ``pipeline_ready``                        1 when set up, restored, running, reaching a broker
 ``pipeline_state{state}``                 1 for the worker's current state
 ``pipeline_records_held``                 records the breaker holds now
+``pipeline_records_in_flight``            records being handled now
+``pipeline_restore_seconds``              time spent restoring state so far (with the
+                                          restored-records counter: restore progress)
 ``pipeline_assigned_partitions``          input partitions assigned to this worker
 ``pipeline_lag_records{partition}``       records behind the partition's end (high watermark)
 ``pipeline_record_handle_seconds``        histogram: handling time per record (per batch mean)
@@ -111,6 +114,14 @@ class StageCollector(Collector):
         held = GaugeMetricFamily(
             "pipeline_records_held", "Records the breaker holds now.", labels=_LABELS
         )
+        in_flight = GaugeMetricFamily(
+            "pipeline_records_in_flight", "Records being handled now.", labels=_LABELS
+        )
+        restoring = GaugeMetricFamily(
+            "pipeline_restore_seconds",
+            "Seconds spent restoring state from the changelog so far.",
+            labels=_LABELS,
+        )
         assigned = GaugeMetricFamily(
             "pipeline_assigned_partitions", "Input partitions assigned.", labels=_LABELS
         )
@@ -124,10 +135,12 @@ class StageCollector(Collector):
             for name in STATES:
                 state.add_metric([pipe, stage, name], 1.0 if stats.state == name else 0.0)
             held.add_metric([pipe, stage], stats.held)
+            in_flight.add_metric([pipe, stage], stats.in_flight)
+            restoring.add_metric([pipe, stage], stats.restore_seconds)
             assigned.add_metric([pipe, stage], len(worker.transport.assignment()))
             for partition, behind in sorted(self.lags.get(stage, {}).items()):
                 lag.add_metric([pipe, stage, str(partition)], behind)
-        yield from (ready, state, held, assigned, lag)
+        yield from (ready, state, held, in_flight, restoring, assigned, lag)
 
     def _histograms(
         self, workers: Iterable[tuple[str, str, StageStats, StageWorker]]

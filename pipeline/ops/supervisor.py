@@ -39,6 +39,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 @dataclass(slots=True)
 class Instance:
     """One supervised stage process."""
@@ -156,6 +166,8 @@ class Supervisor:
                 )
                 inst.backoff = min(inst.backoff * 2, _BACKOFF_MAX)
             elif inst.proc is None and now >= inst.next_start:
+                if not _port_free(inst.port):  # someone took it meanwhile: a new address
+                    inst.port = free_port()
                 self._start(inst)
                 inst.restarts += 1
                 events.append(f"{inst.name} started again (restart {inst.restarts})")

@@ -9,8 +9,9 @@ record and on any dead letter. Where it comes from:
   inside a span, the publisher injects that span's context (what OpenTelemetry's own
   instrumentations do). Without either, no header is added: no bytes, no cost.
 
-With ``pipeline run ... --trace`` (``RunOptions(tracing=True)``), each stage wraps every call of
-its function in a span named ``<pipeline>.<stage>``, a child of the context in the record's
+With ``pipeline run ... --trace`` (``RunOptions(tracing=True)``) and an OpenTelemetry SDK
+configured in the process (:func:`spans_recorded`), each stage wraps every call of its function
+in a span named ``<pipeline>.<stage>``, a child of the context in the record's
 ``traceparent`` (so all stages of one event share its trace id), with the record's topic,
 partition and offset as attributes; an exception ends its span with an error status. The
 header itself is passed on unchanged: each stage's span is a child of the publisher's, not of
@@ -36,6 +37,19 @@ def otel_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def spans_recorded() -> bool:
+    """Whether this process has an OpenTelemetry SDK (a real tracer provider) configured.
+
+    Without one every span is a no-op that still costs its setup per record; the stages then
+    make none (the ``traceparent`` header is passed on all the same), as OpenTelemetry's own
+    instrumentations skip work for spans that do not record.
+    """
+    from opentelemetry import trace
+
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 def current_traceparent() -> bytes | None:

@@ -31,6 +31,9 @@ OFFSET = "dlq.offset"
 TIME = "dlq.time"
 REPLAYED = "dlq.replayed"
 REPLAYED_STAGE = "dlq.replayed.stage"
+# A replay receipt, written to the dead-letter topic once a replay's records are durable: the
+# dead letter it replayed (``partition@offset`` in the dead-letter topic). Not a dead letter.
+RECEIPT = "dlq.receipt"
 PARKED = "Parked"  # the error class of records parked behind a dead letter of their key
 
 log = logging.getLogger("pipeline.runtime.handler")  # where the stage's other lines go

@@ -72,12 +72,21 @@ class RecordHandler:
         self._class_log = ClassLog(node.name)
         # The plain path: no dedup, no parking, f(value) only, sync. No headers are read and
         # no Record is built unless a call fails.
-        self._plain = not (self._gate.active or stage.wants_record or stage.is_async or tracing)
         if tracing:  # a span per call, joined to the record's traceparent
-            from pipeline.ops.tracing import traced
+            from pipeline.ops.tracing import spans_recorded, traced
 
-            name = f"{node.pipeline}.{stage.name}"
-            self._invoke = traced(self._invoke, name, is_async=stage.is_async)
+            if spans_recorded():
+                name = f"{node.pipeline}.{stage.name}"
+                self._invoke = traced(self._invoke, name, is_async=stage.is_async)
+            else:
+                tracing = False
+                log.warning(
+                    "stage %s: tracing asked for, but no OpenTelemetry SDK is configured in "
+                    "this process, so no spans are made (the traceparent header is passed on); "
+                    "configure one (a TracerProvider and an exporter) before the stages start",
+                    node.name,
+                )
+        self._plain = not (self._gate.active or stage.wants_record or stage.is_async or tracing)
         self._fn = stage.fn
         self.output = Output(transport, node.output_topic, self._encode, stats)
         self.holds = Holds(stage.breaker, clock)

@@ -107,6 +107,11 @@ class KeyLanes:
         """Whether every submitted item is handled."""
         return self._idle.is_set()
 
+    @property
+    def buffered(self) -> int:
+        """Items queued or running now."""
+        return self._buffered
+
     async def wait_for_room(self) -> None:
         """Wait until fewer than ``max_buffered`` items are queued or running."""
         await self._room.wait()

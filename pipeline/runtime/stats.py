@@ -70,6 +70,7 @@ class StageStats:
     skipped: int = 0  # records passed over by an explicit offset reset (out of range)
     held: int = 0  # records held now, waiting for the breaker's verdict (a gauge)
     ids_held: int = 0  # event ids the dedup table remembers now (a gauge)
+    in_flight: int = 0  # records being handled now (key lanes: queued or running; a gauge)
     pauses: int = 0  # times the breaker paused the stage (a dependency was down)
     writers_evicted: int = 0  # writers forgotten because of DedupPolicy.max_writers
     ids_evicted: int = 0  # event ids forgotten because of DedupPolicy.max_ids
@@ -121,6 +122,7 @@ class StageStats:
             "skipped": self.skipped,
             "held": self.held,
             "ids_held": self.ids_held,
+            "in_flight": self.in_flight,
             "pauses": self.pauses,
             "writers_evicted": self.writers_evicted,
             "ids_evicted": self.ids_evicted,

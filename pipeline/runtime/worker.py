@@ -111,6 +111,7 @@ class StageWorker:
         )  # fmt: skip
         self._fatal: BaseException | None = None  # raised in a rebalance callback
         self.recovery_streak, self.last_recovery = 0, 0.0  # see pipeline.runtime.recovery
+        self._in_batch = 0  # inline: records of the batch being handled
         self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> StageStats:
@@ -171,6 +172,8 @@ class StageWorker:
         """The stats, with the gauges that are read off the state (not counted) brought up to
         date; call it before reporting them."""
         self.stats.ids_held = sum(len(t.ids) for t in self.table.partitions.values())
+        lanes = self._lanes
+        self.stats.in_flight = lanes.buffered if lanes is not None else self._in_batch
         return self.stats
 
     @property
@@ -252,6 +255,7 @@ class StageWorker:
                 owned = t.assignment()
                 handled = {}
                 began = time.monotonic()
+                self._in_batch = sum(len(msgs) for msgs in batches.values())
                 try:
                     for tp, msgs in batches.items():
                         table = tables.get(tp.partition)
@@ -269,6 +273,7 @@ class StageWorker:
                 except Tripped:
                     tripped = True
                 _observe(stats, batches, began)
+                self._in_batch = 0
                 # The previous batch's commit ran while this one was handled; finish it, then
                 # start this one's, which runs while the next batch is fetched and handled.
                 offsets = commits.offsets(handled)

@@ -127,6 +127,7 @@ async def replay_twice_after_the_fix(
     """List, dry-run, show; then, with the fixed stage running, replay twice; the first id."""
     listed = cli_json("dlq", "list", REF, "work", "--bootstrap", bootstrap, env=env)
     assert listed["by_class"] == {"DecodeError": 150, "ValueError": 50}
+    assert listed["replayed"] == 0
     replay = ("dlq", "replay", REF, "work", "--bootstrap", bootstrap,
               "--where", "error_class=ValueError")  # fmt: skip
     dry = cli_json(*replay, "--dry-run", env=env)
@@ -151,6 +152,10 @@ async def replay_twice_after_the_fix(
         await asyncio.sleep(1.0)  # anything more would show now
     finally:
         assert worker.terminate() == 0, worker.output()[-3000:]
+    # `dlq list` marks what was replayed (twice: counted once); the dead letters stay.
+    listed = cli_json("dlq", "list", REF, "work", "--bootstrap", bootstrap, env=env)
+    assert listed["by_class"] == {"DecodeError": 150, "ValueError": 50}
+    assert listed["replayed_by_class"] == {"ValueError": 50} and listed["replayed"] == 50
     return str(first["replay_id"])
 
 

@@ -299,7 +299,10 @@ class KafkaTransport:
     async def state_end(self, partition: int) -> int:
         """The changelog's end offset for ``partition`` (a checkpoint for local stores)."""
         tp = KafkaTP(self.state_topic, partition)
-        return int((await self._consumer.end_offsets([tp]))[tp])
+        try:
+            return int((await self._consumer.end_offsets([tp]))[tp])
+        except kerr.KafkaError as exc:
+            raise translate(exc, "reading the changelog's end", partition=partition) from exc
 
     # -- writing ---------------------------------------------------------------------------
 

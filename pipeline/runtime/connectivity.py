@@ -75,6 +75,7 @@ class BrokerEpisodes(logging.Filter):
         self.starting = True
         self.episodes = 0
         self._since: float | None = None  # start of the open episode
+        self._began_starting = False  # the open episode began before the stages ran
         self._last = 0.0
         self._in_episode = 0
 
@@ -111,6 +112,7 @@ class BrokerEpisodes(logging.Filter):
             return False  # counted; the episode's first line said it all
         self._since = now
         self.episodes += 1
+        self._began_starting = self.starting
         if self.starting:
             record.msg = "waiting for Kafka while starting: %s"
             record.levelno, record.levelname = logging.INFO, "INFO"
@@ -128,7 +130,7 @@ class BrokerEpisodes(logging.Filter):
         if self._since is None or self.clock() - self._last < self.quiet:
             return
         log.log(
-            logging.INFO if self.starting else logging.WARNING,
+            logging.INFO if self._began_starting else logging.WARNING,
             "Kafka broker trouble over after %.1fs (%d broker errors retried)",
             self._last - self._since, self._in_episode,
         )  # fmt: skip

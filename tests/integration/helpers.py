@@ -173,10 +173,14 @@ class TopicReader:
 
     async def __aenter__(self) -> TopicReader:
         await self._consumer.start()
-        parts = self._consumer.partitions_for_topic(self.topic)
-        if not parts:
+        # A topic created a moment ago (on a cluster: by another broker) may be missing from
+        # the first metadata answers: wait for it rather than read nothing forever.
+        deadline = time.monotonic() + 30
+        while not (parts := self._consumer.partitions_for_topic(self.topic)):
+            assert time.monotonic() < deadline, f"topic {self.topic} never showed up"
             await self._consumer._client.force_metadata_update()
-            parts = self._consumer.partitions_for_topic(self.topic) or set()
+            if not self._consumer.partitions_for_topic(self.topic):
+                await asyncio.sleep(0.2)
         self._consumer.assign([TopicPartition(self.topic, p) for p in sorted(parts)])
         return self
 

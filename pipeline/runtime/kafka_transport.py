@@ -172,6 +172,10 @@ class KafkaTransport:
             return True
         return any(conn.connected() for conn in list(conns.values()))
 
+    def member(self) -> bool:
+        """Whether the group still knows this member (see :meth:`_member`)."""
+        return self._member()
+
     def _member(self) -> bool:
         """Whether the group still knows this member (aiokafka resets its id when the group
         answered that its session expired)."""

@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pipeline.errors import BrokerError
+from pipeline.errors import BrokerError, FencedError
 
 if TYPE_CHECKING:
     from pipeline.runtime.worker import StageWorker
@@ -50,6 +50,13 @@ async def recover(worker: StageWorker, exc: BrokerError, stop: asyncio.Event) ->
         for partition in parts:
             worker.transport.discard(partition)
             worker.table.close(partition)  # its state is rebuilt from the changelog
+        if worker.exactly_once and not worker.transport.member():
+            # Forgotten by its group (a session that expired while the broker was away): a
+            # new transactional producer would fence the instance that owns the partitions.
+            raise FencedError(
+                f"stage {worker.node.name}: a commit failed ({exc}) and the group no longer "
+                f"knows this instance; it stops rather than fence the instance that took over",
+            ) from exc
         delay = 0.5
         while not stop.is_set():
             try:

@@ -184,6 +184,19 @@ class PartitionProducers:
             return True
         except (*FENCED, FencedError) as exc:
             raise self.fenced(partition) from exc
+        except BrokerError as exc:
+            # aiokafka's "not in transaction" on a send right after begin_transaction: its
+            # transaction manager was reset under us. A zombie (fenced, or forgotten by its
+            # group) stops; a member abandons this transaction and reads the partition again.
+            if not isinstance(exc.__cause__, kerr.IllegalOperation):
+                raise
+            if producer._txn_manager.is_fatal_error() or not self._member():
+                raise self.fenced(partition) from exc
+            log.warning("partition %d: transaction abandoned after %s", partition, exc)
+            with contextlib.suppress(kerr.KafkaError):
+                await producer.abort_transaction()
+            await self._rewind(partition)
+            return False
         except AssertionError as exc:  # aiokafka's state machine, after a fatal error
             if producer._txn_manager.is_fatal_error():
                 raise self.fenced(partition) from exc

@@ -84,6 +84,10 @@ class Transport(Protocol):
         """Records behind the end per owned input partition (where known)."""
         ...
 
+    def member(self) -> bool:
+        """Whether the consumer group still knows this instance."""
+        ...
+
     def connected(self) -> bool:
         """Whether a broker is reachable now (as far as the client knows)."""
         ...

@@ -327,6 +327,9 @@ class MemoryTransport:
     def connected(self) -> bool:
         return True
 
+    def member(self) -> bool:
+        return self._on_revoked is not None
+
     async def lag(self) -> dict[int, int]:
         ends = self.broker.end_offsets(self.input_topic)
         return {tp.partition: ends[tp.partition] - pos for tp, pos in self._positions.items()}

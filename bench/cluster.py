@@ -66,25 +66,15 @@ async def _run(
         seconds = await common.preload(address, source, store, config.records, config.keys)
         sources[name] = source
         print(f"[{NAME}] pre-loaded {config.records:,} records on {name} in {seconds:.1f}s")
-    runs: dict[str, list[common.RunResult]] = {c: [] for c in CONTENDERS}
-    for r in range(config.repeat):
-        for name in CONTENDERS if r % 2 == 0 else tuple(reversed(CONTENDERS)):
-            address, where = targets[name]
-            result = await run_stage(
-                address,
-                source=sources[name],
-                store=store,
-                stage=sync_price_stage(),
-                target=config.records,
-                partitions=config.partitions,
-                topics=where,
-                label=name,
-            )
-            runs[name].append(result)
-            rate = result.records_per_s
-            told = f"error {result.error}" if rate is None else f"{rate:,.0f} rec/s"
-            print(f"[{NAME}] {name}: {told}")
-            await common.settle()
+
+    async def run_one(name: str) -> common.RunResult:
+        address, where = targets[name]
+        return await run_stage(
+            address, source=sources[name], store=store, stage=sync_price_stage(),
+            target=config.records, partitions=config.partitions, topics=where, label=name,
+        )  # fmt: skip
+
+    runs = await common.alternate(NAME, CONTENDERS, config.repeat, run_one)
     summaries = {name: report.summarize(results) for name, results in runs.items()}
     doc = {
         "benchmark": NAME,

@@ -19,7 +19,7 @@ import platform
 import time
 import traceback
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,3 +340,23 @@ async def settle(seconds: float = 0.5) -> None:
     gc.collect()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.sleep(seconds)
+
+
+async def alternate(
+    bench: str,
+    contenders: tuple[str, ...],
+    repeat: int,
+    run_one: Callable[[str], Awaitable[RunResult]],
+) -> dict[str, list[RunResult]]:
+    """Run each contender ``repeat`` times, in turns whose order flips every round (so none
+    always runs first), printing each result; the results by contender."""
+    runs: dict[str, list[RunResult]] = {c: [] for c in contenders}
+    for r in range(repeat):
+        for name in contenders if r % 2 == 0 else tuple(reversed(contenders)):
+            result = await run_one(name)
+            runs[name].append(result)
+            rate = result.records_per_s
+            told = f"error {result.error}" if rate is None else f"{rate:,.0f} rec/s"
+            print(f"[{bench}] {name}: {told}")
+            await settle()
+    return runs

@@ -43,25 +43,15 @@ async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics
         bootstrap, source, store, config.records, config.keys, traced=True
     )
     print(f"[{NAME}] pre-loaded {config.records:,} traced records in {seconds:.1f}s")
-    runs: dict[str, list[common.RunResult]] = {c: [] for c in CONTENDERS}
-    for r in range(config.repeat):
-        for name in CONTENDERS if r % 2 == 0 else tuple(reversed(CONTENDERS)):
-            result = await run_stage(
-                bootstrap,
-                source=source,
-                store=store,
-                stage=sync_price_stage(),
-                target=config.records,
-                partitions=config.partitions,
-                topics=topics,
-                label=name,
-                ops=name == "stage_ops",
-            )
-            runs[name].append(result)
-            rate = result.records_per_s
-            told = f"error {result.error}" if rate is None else f"{rate:,.0f} rec/s"
-            print(f"[{NAME}] {name}: {told}")
-            await common.settle()
+
+    async def run_one(name: str) -> common.RunResult:
+        return await run_stage(
+            bootstrap, source=source, store=store, stage=sync_price_stage(),
+            target=config.records, partitions=config.partitions, topics=topics, label=name,
+            ops=name == "stage_ops",
+        )  # fmt: skip
+
+    runs = await common.alternate(NAME, CONTENDERS, config.repeat, run_one)
     summaries = {name: report.summarize(results) for name, results in runs.items()}
     ratio = report.ratio(summaries, "stage_ops", "stage")
     doc = {

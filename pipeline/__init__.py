@@ -7,6 +7,8 @@ from pipeline.codec import Codec
 from pipeline.config import Settings
 from pipeline.dsl import Delivery, Names, Pipeline, StageNode, TopicPolicy
 from pipeline.errors import (
+    AuthenticationError,
+    AuthorizationError,
     BrokerError,
     BrokerUnavailableError,
     CodecError,
@@ -26,6 +28,7 @@ from pipeline.publish import Publisher, SyncPublisher
 from pipeline.record import Emit, Record
 from pipeline.runtime.offsets import OffsetReset
 from pipeline.schema import Schema, SchemaStore
+from pipeline.security import Connection, Security
 from pipeline.stage import (
     BreakerPolicy,
     DeadLetterPolicy,
@@ -36,12 +39,15 @@ from pipeline.stage import (
 )
 
 __all__ = [
+    "AuthenticationError",
+    "AuthorizationError",
     "BreakerPolicy",
     "BrokerError",
     "BrokerUnavailableError",
     "Codec",
     "CodecError",
     "ConfigError",
+    "Connection",
     "DeadLetterPolicy",
     "DecodeError",
     "DedupPolicy",
@@ -62,6 +68,7 @@ __all__ = [
     "SchemaCompatibilityError",
     "SchemaError",
     "SchemaStore",
+    "Security",
     "Settings",
     "Stage",
     "StageError",

@@ -8,7 +8,10 @@ MODULE:PIPELINE --stage NAME --http 0.0.0.0:9400`` with a healthcheck on ``/heal
 ``pipeline deploy k8s MODULE:PIPELINE`` prints, per stage, a Deployment (liveness probe on
 ``/health``, readiness on ``/ready``, resource requests and limits) and a KEDA ``ScaledObject``
 that scales it on its consumer group's lag, up to the input's partition count (more instances
-than partitions would sit idle).
+than partitions would sit idle). With ``--secure`` each stage connects over SASL_SSL as its
+own principal (``pipeline acl``): its password comes from a Secret ``<stage>-kafka`` mounted
+as a file and the CA from a Secret ``kafka-ca``; the files reference them and never hold a
+password (create them with ``kubectl create secret generic ... --from-file``).
 
 Both are generated from the pipeline, so they cannot drift from its stages, and written with
 PyYAML. ``compose/docker-compose.yml`` is this output for the orders example (a test keeps it
@@ -106,8 +109,14 @@ def kubernetes(
     image: str = "kafka-pipeline:latest",
     bootstrap: str = "kafka:9092",
     lag_threshold: int = 1000,
+    secure: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per stage a Deployment with probes and resources, and a KEDA ScaledObject on its lag."""
+    """Per stage a Deployment with probes and resources, and a KEDA ScaledObject on its lag.
+
+    Args:
+        secure: Each stage over SASL_SSL (SCRAM-SHA-512) as its own principal, its password
+            and the CA mounted from Secrets (referenced, never inlined).
+    """
     docs: list[dict[str, Any]] = []
     for node in pipeline.nodes():
         name = f"{pipeline.name}-{node.name}".replace(".", "-").replace("_", "-").lower()
@@ -129,6 +138,11 @@ def kubernetes(
                 "limits": {"memory": "1Gi"},
             },
         }  # fmt: skip
+        pod: dict[str, Any] = {"terminationGracePeriodSeconds": 40, "containers": [container]}
+        auth: dict[str, Any] = {}
+        if secure:
+            auth = _secure(container, pod, node.principal, name)
+            docs.append(auth.pop("doc"))
         docs.append(
             {
                 "apiVersion": "apps/v1",
@@ -139,7 +153,7 @@ def kubernetes(
                     "selector": {"matchLabels": labels},
                     "template": {
                         "metadata": {"labels": labels},
-                        "spec": {"terminationGracePeriodSeconds": 40, "containers": [container]},
+                        "spec": pod,
                     },
                 },
             }
@@ -162,13 +176,60 @@ def kubernetes(
                                 "consumerGroup": node.group,
                                 "topic": node.input_topic,
                                 "lagThreshold": str(lag_threshold),
+                                **auth.get("metadata", {}),
                             },
+                            **auth.get("trigger", {}),
                         }
                     ],
                 },
             }
         )
     return docs
+
+
+_SECRETS = "/var/run/secrets/kafka"
+_CA = "/var/run/secrets/kafka-ca"
+
+
+def _secure(
+    container: dict[str, Any], pod: dict[str, Any], principal: str, name: str
+) -> dict[str, Any]:
+    """Point a stage's container at its credentials (Secret ``<name>-kafka``: key
+    ``password``; Secret ``kafka-ca``: key ``ca.pem``); returns the KEDA trigger's
+    authentication (a TriggerAuthentication reading the same Secrets)."""
+    secret = f"{name}-kafka"
+    container["env"] += [
+        {"name": "PIPELINE_SECURITY_PROTOCOL", "value": "SASL_SSL"},
+        {"name": "PIPELINE_SASL_MECHANISM", "value": "SCRAM-SHA-512"},
+        {"name": "PIPELINE_SASL_USERNAME", "value": principal},
+        {"name": "PIPELINE_SASL_PASSWORD_FILE", "value": f"{_SECRETS}/password"},
+        {"name": "PIPELINE_SSL_CAFILE", "value": f"{_CA}/ca.pem"},
+    ]
+    container["volumeMounts"] = [
+        {"name": "kafka-credentials", "mountPath": _SECRETS, "readOnly": True},
+        {"name": "kafka-ca", "mountPath": _CA, "readOnly": True},
+    ]
+    pod["volumes"] = [
+        {"name": "kafka-credentials", "secret": {"secretName": secret}},
+        {"name": "kafka-ca", "secret": {"secretName": "kafka-ca"}},
+    ]
+    doc = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": {"name": secret},
+        "spec": {
+            "secretTargetRef": [
+                {"parameter": "username", "name": secret, "key": "username"},
+                {"parameter": "password", "name": secret, "key": "password"},
+                {"parameter": "ca", "name": "kafka-ca", "key": "ca.pem"},
+            ]
+        },
+    }
+    return {
+        "doc": doc,
+        "metadata": {"sasl": "scram_sha512", "tls": "enable"},
+        "trigger": {"authenticationRef": {"name": secret}},
+    }
 
 
 def to_yaml(docs: list[dict[str, Any]]) -> str:

@@ -88,6 +88,7 @@ class Names:
     dlq: str | None = None
     state: str | None = None
     group: str | None = None
+    principal: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +103,16 @@ class StageNode:
     dlq_topic: str
     state_topic: str
     group: str
+    principal: str = ""  # the SASL user it runs as (default: the group's name)
 
     @property
     def name(self) -> str:
         return self.stage.name
+
+    @property
+    def transactional_prefix(self) -> str:
+        """What every transactional id of the stage (exactly-once) starts with."""
+        return f"{self.group}."
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +182,13 @@ class Pipeline:
         dlq_topic: str | None = None,
         state_topic: str | None = None,
         group: str | None = None,
+        principal: str | None = None,
     ) -> Pipeline:
         """Return a new pipeline with ``stage`` appended (names optionally overridden).
+
+        ``principal`` is the SASL user the stage runs as on a secure cluster (default: its
+        group, ``P.S``): ``pipeline acl`` grants it what the stage needs and ``pipeline
+        deploy`` gives each stage its own credentials.
 
         Raises:
             DefinitionError: A duplicate stage name, a stage after a sink, an unknown schema.
@@ -212,7 +224,7 @@ class Pipeline:
         grown = replace(
             self,
             stages=(*self.stages, stage),
-            names=(*self.names, Names(output_topic, dlq_topic, state_topic, group)),
+            names=(*self.names, Names(output_topic, dlq_topic, state_topic, group, principal)),
         )
         grown._check_unique_names()
         return grown
@@ -242,6 +254,7 @@ class Pipeline:
                     dlq_topic=names.dlq or f"{base}.dlq",
                     state_topic=names.state or f"{base}.state",
                     group=names.group or base,
+                    principal=names.principal or names.group or base,
                 )
             )
             upstream = output or ""

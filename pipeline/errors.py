@@ -16,6 +16,8 @@ Tree::
     │   └── EncodeError
     ├── BrokerError                 talking to Kafka failed
     │   ├── BrokerUnavailableError  no broker answers at the bootstrap address
+    │   ├── AuthenticationError     the broker refused who we are (SASL, TLS, protocol)
+    │   ├── AuthorizationError      an ACL denies an operation on a topic, group, ...
     │   ├── TopicError              a topic is missing or has the wrong shape
     │   ├── FencedError             another instance took over (this one is a zombie)
     │   └── OffsetOutOfRangeError   a stage's position is gone from the log (retention)
@@ -98,6 +100,16 @@ class BrokerUnavailableError(BrokerError):
     """No Kafka broker answered at the bootstrap address."""
 
     retriable = True
+
+
+class AuthenticationError(BrokerError):
+    """The connection's security does not match the broker's: credentials refused, a
+    certificate not trusted, plaintext against a TLS listener. Retrying cannot help."""
+
+
+class AuthorizationError(BrokerError):
+    """The broker's ACLs deny this principal an operation (WRITE on a topic, READ on a
+    group, ...). Retrying cannot help until someone grants it."""
 
 
 class TopicError(BrokerError):

@@ -43,7 +43,9 @@ from pipeline.record import (
     decode_seq,
     encode_seq,
 )
+from pipeline.runtime.diagnose import start_client
 from pipeline.runtime.kafka import BatchWriter, partition_for, translate
+from pipeline.security import Bootstrap, connection
 
 
 class Stamp(NamedTuple):
@@ -200,7 +202,7 @@ class Publisher:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: Bootstrap,
         topic: str,
         codec: Codec,
         key_field: str,
@@ -228,21 +230,26 @@ class Publisher:
 
     async def __aenter__(self) -> Publisher:
         producer = self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
+            **connection(self._bootstrap).client_args(),
             acks="all",
             enable_idempotence=True,
             linger_ms=self._linger_ms,
             max_batch_size=256 * 1024,
         )
         self._writer = BatchWriter(producer)
+        await start_client(producer, self._bootstrap, "starting the publisher")
         try:
-            await producer.start()
             # Ask once for every topic: a missing topic is an error now, not 30 s of the
             # client's retries and warnings.
             for _ in range(10):  # a topic created a moment ago may not be known everywhere yet
                 known = await asyncio.wait_for(producer.client.fetch_all_metadata(), 30)
                 if known.partitions_for_topic(self.topic) is not None:
                     break
+                # A topic this principal may not see is missing from the list: ask for it.
+                producer.client.add_topic(self.topic)
+                await producer.client.force_metadata_update()
+                if self.topic in producer.client.cluster.unauthorized_topics:
+                    raise kerr.TopicAuthorizationFailedError(self.topic)
                 await asyncio.sleep(0.3)
             else:
                 raise TopicError(

@@ -253,6 +253,7 @@ class Stage:
     setup: Setup | None = None
     is_async: bool = False
     wants_record: bool = False
+    reads: tuple[str, ...] = ()  # other topics it reads (a table's): its ACLs grant them
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -311,6 +312,7 @@ def stage(
     on_dead_letter: DeadLetterPolicy | None = None,
     breaker: BreakerPolicy | None = None,
     setup: Setup | None = None,
+    reads: tuple[str, ...] = (),
 ) -> Callable[[StageFn], Stage]:
     """Turn a function into a :class:`Stage`.
 
@@ -330,6 +332,8 @@ def stage(
             an async context manager. The worker enters it before it joins the group (retrying
             with backoff while it fails, consuming nothing), exits it when it stops, and hands
             what it yields to the stage as ``record.resource``.
+        reads: Topics the stage reads besides its input (e.g. a table's compacted topic), so
+            that ``pipeline acl`` grants its principal READ on them.
 
     Example:
         >>> import contextlib
@@ -358,6 +362,7 @@ def stage(
             setup=setup,
             is_async=inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn),
             wants_record=_positional_arity(fn) >= 2,
+            reads=tuple(reads),
         )
 
     return wrap

@@ -248,6 +248,15 @@ def enrich(
         bump(counts, "enriched")
         return merge.apply(value, row)
 
+    # A table loaded from a topic (KafkaTable, or one with a ``topic``): the stage's
+    # principal needs READ on it (``pipeline acl``).
+    topic = getattr(table, "topic", None)
     return stage(
-        name, input=input, output=output, concurrency=concurrency, retry=retry, dedup=dedup
+        name,
+        input=input,
+        output=output,
+        concurrency=concurrency,
+        retry=retry,
+        dedup=dedup,
+        reads=(topic,) if isinstance(topic, str) else (),
     )(join)

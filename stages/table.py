@@ -47,6 +47,7 @@ from aiokafka import errors as kerr
 
 from pipeline.errors import ConfigError, PipelineError, StageError, TopicError
 from pipeline.runtime.kafka import translate
+from pipeline.security import Bootstrap, connection
 
 __all__ = ["KafkaTable", "MemoryTable", "Table", "TableUnavailable"]
 
@@ -196,7 +197,7 @@ class KafkaTable:
     """A table loaded from a compacted topic and kept up to date by a background consumer.
 
     Args:
-        bootstrap: Bootstrap servers.
+        bootstrap: Bootstrap servers, or a :class:`pipeline.Connection` (secure clusters).
         topic: The compacted topic: key = table key, value = row, null value = deletion.
         decode: Turns a value's bytes into a row (``json.loads`` by default; pass
             ``store.codec("x.Customer").decode`` for Avro). A value it cannot decode is
@@ -217,7 +218,7 @@ class KafkaTable:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: Bootstrap,
         topic: str,
         *,
         decode: Callable[[bytes], Any] = json.loads,
@@ -313,7 +314,7 @@ class KafkaTable:
 
     async def _run(self) -> None:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **connection(self.bootstrap).client_args(),
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",

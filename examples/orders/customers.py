@@ -25,8 +25,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from examples.orders import domain
-from pipeline import Codec
+from pipeline import Codec, Connection
 from pipeline.runtime.topics import TopicSpec, ensure_topics
+from pipeline.security import Bootstrap, connection
 from stages import KafkaTable, TableUnavailable
 
 
@@ -48,7 +49,7 @@ class CustomerTable:
     """
 
     def __init__(
-        self, topic: str, *, decode: Callable[[bytes], Any], bootstrap: str | None = None
+        self, topic: str, *, decode: Callable[[bytes], Any], bootstrap: Bootstrap | None = None
     ) -> None:
         self.topic = topic
         self._decode = decode
@@ -77,7 +78,7 @@ class CustomerTable:
         return self._table.get(key)
 
 
-def _default_bootstrap() -> str:
+def _default_bootstrap() -> Connection:
     from pipeline.cli.commands import bootstrap_address  # the CLI's own fallback chain
 
     return bootstrap_address(None)
@@ -96,14 +97,16 @@ def spec(topic: str, partitions: int = 3) -> TopicSpec:
     )  # fmt: skip
 
 
-async def seed(bootstrap: str, topic: str, codec: Codec) -> int:
+async def seed(bootstrap: Bootstrap, topic: str, codec: Codec) -> int:
     """Create the compacted topic if missing and write every customer row to it.
 
     Writing the same rows again is harmless: compaction keeps one per customer, and the
     table holds the latest anyway. Returns the number of rows written.
     """
     await ensure_topics(bootstrap, [spec(topic)])
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(
+        **connection(bootstrap).client_args(), acks="all", enable_idempotence=True
+    )
     await producer.start()
     try:
         rows = domain.customers()

@@ -18,6 +18,11 @@ publisher) to the confirmation's append to the outbox topic, which the demo crea
 ``message.timestamp.type=LogAppendTime`` so the broker stamps it (a stage keeps its input's
 timestamp on its outputs, so the outbox's CreateTime would be the publish time). Notify's own
 ``confirmed_at`` gives a second figure that leaves out the last flush and commit.
+
+``--secure`` runs it as a production cluster is run, on the secure local broker (``pipeline
+kafka start --secure``) or on the cluster the ``PIPELINE_*`` security settings point at (as an
+admin): every stage gets its own SCRAM user holding only the ACLs ``pipeline acl`` prints
+(created here, passwords in ``WORKDIR/secrets``), the publisher its own, all over SASL_SSL.
 """
 
 from __future__ import annotations
@@ -50,10 +55,14 @@ from examples.orders.report import (
     render,
 )
 from examples.orders.workload import Faults, Workload
-from pipeline import PipelineError, Publisher
+from pipeline import Connection, PipelineError, Publisher
 from pipeline.broker import open_broker
 from pipeline.config import Settings
+from pipeline.errors import ConfigError
+from pipeline.ops.acl import apply, pipeline_acls
+from pipeline.ops.users import client_env, ensure_users
 from pipeline.runtime.topics import ensure_topics, topic_specs
+from pipeline.security import Bootstrap, Security, connection
 
 REF = "examples.orders.pipeline:pipeline"
 LOG_APPEND_TIME = 1  # aiokafka's timestamp_type of a broker-stamped record
@@ -66,8 +75,10 @@ class StageFailedError(Exception):
 class Demo:
     """One run of the demo against ``bootstrap``; :meth:`run` returns the exit code."""
 
-    def __init__(self, bootstrap: str, args: argparse.Namespace, console: Console) -> None:
+    def __init__(self, bootstrap: Bootstrap, args: argparse.Namespace, console: Console) -> None:
         self.bootstrap = bootstrap
+        self.publisher: Connection = connection(bootstrap)  # its own user with --secure
+        self.stage_env: dict[str, dict[str, str]] = {}
         self.args = args
         self.console = console
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orders-demo-"))
@@ -80,6 +91,8 @@ class Demo:
     async def run(self) -> int:
         """Set up, publish, drain, stop, report."""
         await self._create_topics()
+        if self.args.secure:
+            await self._provision()
         async with Cluster(self.bootstrap) as cluster:
             before = await self._offsets(cluster)
             try:
@@ -144,6 +157,33 @@ class Demo:
         rows = await customers.seed(self.bootstrap, table, pipeline.schemas.codec(CUSTOMER))
         self.console.print(f"customer table: {rows:,} rows written to compacted topic {table}")
 
+    async def _provision(self) -> None:
+        """Each stage's own user with only its ACLs, and the publisher's (``--secure``)."""
+        admin = connection(self.bootstrap)
+        if not admin.security.protocol.sasl:
+            raise ConfigError(
+                "--secure needs a SASL cluster and its admin: 'pipeline kafka start --secure', "
+                "or PIPELINE_SECURITY_PROTOCOL=SASL_SSL and an admin's PIPELINE_SASL_* settings"
+            )
+        acls = pipeline_acls(pipeline)
+        files = await ensure_users(admin, list(acls), self.workdir / "secrets")
+        await apply(admin, [a for rules in acls.values() for a in rules])
+        self.stage_env = {
+            node.name: client_env(admin.security, node.principal, files[node.principal])
+            for node in self.nodes
+        }
+        user = f"{pipeline.name}.publisher"
+        self.publisher = Connection(
+            admin.bootstrap,
+            Security(**{**_fields(admin.security), "username": user,
+                        "password": files[user].read_text().strip()}),
+        )  # fmt: skip
+        self.console.print(
+            f"secure: {len(acls)} users (one per stage, one publisher), "
+            f"{sum(len(r) for r in acls.values())} ACLs ('pipeline acl'), over "
+            f"{admin.security.describe()}"
+        )
+
     async def _offsets(self, cluster: Cluster) -> dict[str, Offsets]:
         """End offsets of every topic, and each group's committed offsets (``group:NAME``)."""
         found: dict[str, Offsets] = {}
@@ -157,7 +197,9 @@ class Demo:
     async def _start_stages(self) -> None:
         """Start the stage processes; wait until each runs (its stats file appears) and,
         briefly, until each has its partitions, so that startup is not counted as latency."""
-        self.procs = StageProcess.start_all(REF, list(STAGES), self.bootstrap, self.workdir)
+        self.procs = StageProcess.start_all(
+            REF, list(STAGES), self.bootstrap, self.workdir, stage_env=self.stage_env
+        )
         pids = ", ".join(f"{p.stage} {p.proc.pid}" for p in self.procs)
         started = time.monotonic()
         with self.console.status(f"starting {len(self.procs)} stage processes ({pids}) ..."):
@@ -193,9 +235,9 @@ class Demo:
         faults = Faults(duplicates=self.args.duplicates, undecodable=self.args.poison)
         work = Workload(self.args.orders, codec, seed=self.args.seed, faults=faults)
         rate, source = self.args.rate, pipeline.source
-        raw = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        raw = AIOKafkaProducer(**self.publisher.client_args(), acks="all")
         t0 = time.monotonic()
-        async with Publisher(self.bootstrap, source, codec, pipeline.key) as pub:
+        async with Publisher(self.publisher, source, codec, pipeline.key) as pub:
             await raw.start()
             try:
                 sent = []
@@ -336,6 +378,11 @@ class Demo:
         ]
 
 
+def _fields(security: Security) -> dict[str, Any]:
+    """A :class:`Security`'s fields, to build another user's from (same protocol and CA)."""
+    return {f.name: getattr(security, f.name) for f in dataclasses.fields(security)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The demo's command line."""
     parser = argparse.ArgumentParser(
@@ -349,6 +396,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated workload")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for draining")
     parser.add_argument("--workdir", type=Path, help="keep stage logs and stats files here")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="a SCRAM user per stage with only its ACLs, over SASL_SSL (needs 'pipeline kafka "
+        "start --secure', or an admin's PIPELINE_SECURITY_* settings)",
+    )
     args = parser.parse_args(argv)
     if args.orders < 1:
         parser.error("--orders must be at least 1")
@@ -366,10 +419,20 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # a pipe or a file: wide enough that table rows stay whole
         console = Console(width=200)
     settings = Settings()
-    where = settings.bootstrap or "a local broker (starting it)"
+    where = settings.bootstrap or (
+        "the local broker" if args.secure else "a local broker (starting it)"
+    )
     console.print(f"[bold]orders demo[/]: {args.orders:,} records, broker: {where}")
     t0 = time.monotonic()
     try:
+        if args.secure:
+            from pipeline.cli.commands import bootstrap_address
+
+            admin = bootstrap_address(None)
+            console.print(f"broker {admin.describe()}", highlight=False)
+            code = asyncio.run(Demo(admin, args, console).run())
+            console.print(f"wall time {time.monotonic() - t0:.1f}s")
+            return code
         with open_broker(settings) as broker:
             console.print(f"broker {broker.bootstrap} ({broker.source})")
             code = asyncio.run(Demo(broker.bootstrap, args, console).run())

@@ -26,6 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from pipeline.ops.supervisor import Instance, Supervisor
+from pipeline.security import Bootstrap, connection
 
 ROOT = Path(__file__).resolve().parents[2]
 Offsets = dict[int, int]  # partition -> offset
@@ -51,12 +52,11 @@ class Cluster:
         {0: 33410, 1: 33201, 2: 33389}
     """
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: Bootstrap) -> None:
         self.bootstrap = bootstrap
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="orders-demo")
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, client_id="orders-demo", enable_auto_commit=False
-        )
+        args = connection(bootstrap).client_args()
+        self._admin = AIOKafkaAdminClient(**args, client_id="orders-demo")
+        self._consumer = AIOKafkaConsumer(**args, client_id="orders-demo", enable_auto_commit=False)
         self._parts: dict[str, list[int]] = {}
 
     async def __aenter__(self) -> Cluster:
@@ -106,7 +106,7 @@ class Cluster:
     async def read(self, topic: str, start: Offsets, end: Offsets) -> list[Any]:
         """Every record of ``topic`` from ``start`` up to ``end`` (exclusive), per partition."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **connection(self.bootstrap).client_args(),
             client_id="orders-demo-reader",
             enable_auto_commit=False,
             max_poll_records=10_000,
@@ -174,13 +174,19 @@ class StageProcess:
 
     @classmethod
     def start_all(
-        cls, ref: str, stages: list[str], bootstrap: str, workdir: Path
+        cls,
+        ref: str,
+        stages: list[str],
+        bootstrap: Bootstrap,
+        workdir: Path,
+        *,
+        stage_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> list[StageProcess]:
         """Every stage's process, logs and stats files in ``workdir``."""
         # The enrich stage's customer table finds its broker through PIPELINE_BOOTSTRAP.
         supervisor = Supervisor(
             ref, stages, bootstrap, logs=workdir, stats_dir=workdir, shutdown_timeout=20,
-            env={"PIPELINE_BOOTSTRAP": bootstrap},
+            env={"PIPELINE_BOOTSTRAP": str(bootstrap)}, stage_env=stage_env,
         )  # fmt: skip
         for inst in supervisor.instances:
             assert inst.stats_file is not None

@@ -27,9 +27,11 @@ from pathlib import Path
 
 from pipeline.broker.local import BrokerStatus, LocalBroker, Quorum, free_port, new_cluster_id
 from pipeline.broker.probe import leaders
+from pipeline.broker.secure import BrokerSecurity
 from pipeline.errors import BrokerStartError, LocalBrokerError
+from pipeline.security import Connection
 
-__all__ = ["LocalCluster", "NodeStatus", "local_bootstrap"]
+__all__ = ["LocalCluster", "NodeStatus", "local_bootstrap", "local_connection"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,7 @@ class LocalCluster:
         java: The ``java`` executable; only starting needs it.
         port: Client port of node 1 (node i gets ``port + i - 1``); free ports by default.
         heap_mb: JVM heap per node.
+        secure: Run every node secure (see :mod:`.secure`); a cluster set up secure stays so.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class LocalCluster:
         java: Path | None = None,
         port: int | None = None,
         heap_mb: int = 384,
+        secure: bool = False,
     ) -> None:
         if size < 1:
             raise LocalBrokerError(f"a cluster needs at least one node, not {size}")
@@ -70,6 +74,8 @@ class LocalCluster:
         self.java = java
         self.port = port
         self.heap_mb = heap_mb
+        material = BrokerSecurity(workdir / "secure")
+        self.security = material if secure or material.exists else None
         self.quorum = self._read_quorum()
         self.size = len(self.quorum.voters) if self.quorum else size
 
@@ -114,6 +120,7 @@ class LocalCluster:
             heap_mb=self.heap_mb,
             node_id=node_id,
             quorum=self.quorum,
+            security=self.security,
         )
 
     @property
@@ -180,6 +187,13 @@ class LocalCluster:
                 addresses.append(f"127.0.0.1:{ports[0]}")
         return ",".join(addresses)
 
+    def connection(self, bootstrap: str | None = None) -> Connection:
+        """How to reach the cluster (as its admin when it is secure)."""
+        address = bootstrap or self.bootstrap()
+        if self.security is None:
+            return Connection(address)
+        return self.security.admin_connection(address)
+
     def address(self) -> str | None:
         """The bootstrap address if any node runs (no network call), else ``None``."""
         if not any(node.address() for node in self.nodes):
@@ -190,7 +204,7 @@ class LocalCluster:
         """Every node: running, answering, KRaft role, and how many partitions it leads."""
         nodes = [node.status() for node in self.nodes]
         running = [n.bootstrap for n in nodes if n.running and n.answering and n.bootstrap]
-        led = leaders(",".join(running)) if running else None
+        led = leaders(self.connection(",".join(running))) if running else None
         return [
             NodeStatus(n, None if led is None else led.get(n.node_id, 0) if n.running else 0)
             for n in nodes
@@ -201,7 +215,7 @@ class LocalCluster:
         from pipeline.broker.probe import topic_leaders
 
         counts: dict[int, int] = {}
-        for node in (topic_leaders(self.bootstrap(), topic) or {}).values():
+        for node in (topic_leaders(self.connection(), topic) or {}).values():
             counts[node] = counts.get(node, 0) + 1
         return max(counts, key=lambda n: (counts[n], -n)) if counts else None
 
@@ -214,3 +228,16 @@ def local_bootstrap(home: Path) -> str | None:
         if address:
             return address
     return LocalBroker(home / "broker").address()
+
+
+def local_connection(home: Path) -> Connection | None:
+    """The running local broker or cluster under ``home`` as a connection: its admin's when
+    it runs secure, plaintext otherwise (``None``: nothing runs)."""
+    cluster = LocalCluster(home / "cluster")
+    if cluster.exists:
+        address = cluster.address()
+        if address:
+            return cluster.connection(address)
+    broker = LocalBroker(home / "broker")
+    address = broker.address()
+    return broker.connection(address) if address else None

@@ -27,7 +27,9 @@ from pathlib import Path
 
 from pipeline.broker.java import find_java, parse_java_major
 from pipeline.broker.probe import probe
+from pipeline.broker.secure import BrokerSecurity
 from pipeline.errors import BrokerStartError, PortInUseError
+from pipeline.security import Connection
 
 __all__ = [
     "BrokerStatus", "LocalBroker", "Quorum", "find_java", "free_port", "new_cluster_id",
@@ -138,6 +140,8 @@ class LocalBroker:
         node_id: This node's id.
         quorum: The controller quorum of a replicated cluster (``None``: a single node that is
             its own quorum).
+        security: Run secure (SASL_SSL clients, mTLS between nodes, ACLs; see
+            :mod:`.secure`); ``None``: plaintext, or secure if it was set up secure before.
 
     Example:
         >>> broker = LocalBroker(Path("/tmp/kafka"), jars=jars, java=java)  # doctest: +SKIP
@@ -155,6 +159,7 @@ class LocalBroker:
         heap_mb: int = 384,
         node_id: int = 1,
         quorum: Quorum | None = None,
+        security: BrokerSecurity | None = None,
     ) -> None:
         self.workdir = workdir
         self.jars = jars
@@ -163,7 +168,15 @@ class LocalBroker:
         self.heap_mb = heap_mb
         self.node_id = node_id
         self.quorum = quorum
+        remembered = BrokerSecurity(workdir / "secure")
+        self.security = security or (remembered if remembered.exists else None)
         self._proc: subprocess.Popen[bytes] | None = None  # set when this object started it
+
+    def connection(self, bootstrap: str) -> Connection:
+        """How to reach this broker at ``bootstrap``: as its admin when it is secure."""
+        if self.security is None:
+            return Connection(bootstrap)
+        return self.security.admin_connection(bootstrap)
 
     @property
     def log_file(self) -> Path:
@@ -213,8 +226,12 @@ class LocalBroker:
         else:
             controller = free_port()
         check_port_free(controller, "controller", remembered=previous is not None)
+        internal = None
+        if self.security is not None:
+            internal = previous[2] if previous is not None and previous[2] else free_port()
+            check_port_free(internal, "internal", remembered=previous is not None)
         data = self.workdir / "data"
-        config = self._write_config(port, controller, data)
+        config = self._write_config(port, controller, data, internal)
         if not (data / "meta.properties").exists():
             self._format(java, jars, config)
         bootstrap = f"127.0.0.1:{port}"
@@ -256,7 +273,7 @@ class LocalBroker:
             raise BrokerStartError(f"node {self.node_id} was not launched") from exc
         deadline = time.time() + timeout
         while time.time() < deadline and self._launched_alive():
-            if probe(bootstrap, timeout=2.0):
+            if probe(self.connection(bootstrap), timeout=2.0):
                 return
             time.sleep(0.2)
         proc = self._proc
@@ -333,7 +350,7 @@ class LocalBroker:
         return BrokerStatus(
             running=True,
             node_id=self.node_id,
-            answering=ask and probe(bootstrap, timeout=5.0),
+            answering=ask and probe(self.connection(bootstrap), timeout=5.0),
             pid=pid,
             bootstrap=bootstrap,
             rss_mb=_rss_mb(pid),
@@ -398,19 +415,26 @@ class LocalBroker:
             return None
         return pid if _alive(pid) else None
 
-    def ports(self) -> tuple[int, int] | None:
-        """The client and controller ports of the last run: a restart keeps its address."""
+    def ports(self) -> tuple[int, int, int | None] | None:
+        """The client, controller and (secure) internal ports of the last run: a restart
+        keeps its address."""
         config = self.workdir / "server.properties"
         if not config.exists():
             return None
         m = re.search(
-            r"^listeners=PLAINTEXT://127\.0\.0\.1:(\d+),CONTROLLER://127\.0\.0\.1:(\d+)$",
+            r"^listeners=(?:PLAINTEXT|CLIENT)://127\.0\.0\.1:(\d+),"
+            r"CONTROLLER://127\.0\.0\.1:(\d+)(?:,INTERNAL://127\.0\.0\.1:(\d+))?$",
             config.read_text(),
             re.M,
         )
-        return (int(m.group(1)), int(m.group(2))) if m else None
+        if not m:
+            return None
+        internal = int(m.group(3)) if m.group(3) else None
+        return (int(m.group(1)), int(m.group(2)), internal)
 
-    def _write_config(self, port: int, controller: int, data: Path) -> Path:
+    def _write_config(
+        self, port: int, controller: int, data: Path, internal: int | None = None
+    ) -> Path:
         (self.workdir / "log4j2.properties").write_text(_LOG4J2)
         config = self.workdir / "server.properties"
         quorum = self.quorum
@@ -450,6 +474,9 @@ class LocalBroker:
             # rather than 9 s: a fault drill on one machine stalls writers for less.
             "broker.session.timeout.ms": "6000",
         }
+        if self.security is not None:
+            assert internal is not None
+            settings.update(self.security.listener_settings(port, internal, controller))
         config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         return config
 
@@ -465,6 +492,7 @@ class LocalBroker:
             "-c",
             str(config),
             "--ignore-formatted",
+            *(self.security.scram_bootstrap() if self.security is not None else ()),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from pipeline.security import Bootstrap, connection
+
 T = TypeVar("T")
 
 
@@ -34,12 +36,14 @@ def _quietly(ask: Callable[[], Awaitable[T]]) -> T:
         client_log.setLevel(level)
 
 
-def probe(bootstrap: str, timeout: float = 5.0) -> bool:
+def probe(bootstrap: Bootstrap, timeout: float = 5.0) -> bool:
     """Whether a broker at ``bootstrap`` answers a metadata request within ``timeout``."""
     from aiokafka import AIOKafkaClient
 
     async def ask() -> bool:
-        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        client = AIOKafkaClient(
+            **connection(bootstrap).client_args(), request_timeout_ms=int(timeout * 1000)
+        )
         try:
             await asyncio.wait_for(client.bootstrap(), timeout)
             return bool(client.cluster.brokers())
@@ -52,14 +56,18 @@ def probe(bootstrap: str, timeout: float = 5.0) -> bool:
     return _quietly(ask)
 
 
-def partition_leaders(bootstrap: str, timeout: float = 5.0) -> dict[str, dict[int, int]] | None:
+def partition_leaders(
+    bootstrap: Bootstrap, timeout: float = 5.0
+) -> dict[str, dict[int, int]] | None:
     """The leader (node id, -1 for none) of every partition by topic, or ``None`` if nobody
     answers."""
     from aiokafka import AIOKafkaClient
     from aiokafka.structs import TopicPartition
 
     async def ask() -> dict[str, dict[int, int]] | None:
-        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        client = AIOKafkaClient(
+            **connection(bootstrap).client_args(), request_timeout_ms=int(timeout * 1000)
+        )
         try:
             await asyncio.wait_for(client.bootstrap(), timeout)
             await asyncio.wait_for(client.force_metadata_update(), timeout)
@@ -80,7 +88,7 @@ def partition_leaders(bootstrap: str, timeout: float = 5.0) -> dict[str, dict[in
     return _quietly(ask)
 
 
-def leaders(bootstrap: str, timeout: float = 5.0) -> dict[int, int] | None:
+def leaders(bootstrap: Bootstrap, timeout: float = 5.0) -> dict[int, int] | None:
     """How many partitions each broker (by node id) leads, or ``None`` if nobody answers."""
     found = partition_leaders(bootstrap, timeout)
     if found is None:
@@ -93,7 +101,7 @@ def leaders(bootstrap: str, timeout: float = 5.0) -> dict[int, int] | None:
     return counts
 
 
-def topic_leaders(bootstrap: str, topic: str, timeout: float = 5.0) -> dict[int, int] | None:
+def topic_leaders(bootstrap: Bootstrap, topic: str, timeout: float = 5.0) -> dict[int, int] | None:
     """The leader of each partition of ``topic`` (``None`` if nobody answers)."""
     found = partition_leaders(bootstrap, timeout)
     return None if found is None else found.get(topic, {})

@@ -16,8 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.cli.console import console
 from pipeline.config import Settings
-from pipeline.errors import CodecError, ConfigError, DecodeError, TopicError
+from pipeline.errors import AuthorizationError, CodecError, ConfigError, DecodeError, TopicError
 from pipeline.loader import load_pipeline
+from pipeline.runtime.diagnose import start_client
+from pipeline.security import Connection
 
 out = console()
 err = console(stderr=True)
@@ -35,22 +37,29 @@ KEY_HELP = "Sequence-key field (default: the schema's 'sequence_key' attribute).
 SchemasOpt = Annotated[Path, typer.Option(help="Directory of .avsc files.")]
 
 
-def bootstrap_address(given: str | None) -> str:
-    """``--bootstrap``, else ``PIPELINE_BOOTSTRAP``, else the running local broker."""
-    if given:
-        return given
-    settings = Settings()
-    if settings.bootstrap:
-        return settings.bootstrap
-    from pipeline.broker.cluster import local_bootstrap
+def bootstrap_address(given: str | None) -> Connection:
+    """Where and how to connect: ``--bootstrap``, else ``PIPELINE_BOOTSTRAP``, else the
+    running local broker; with the security of the ``PIPELINE_SECURITY_PROTOCOL``/``SASL``/
+    ``SSL`` settings, else (a secure local broker) its admin user's.
 
-    address = local_bootstrap(settings.home)
-    if address:
-        return address
-    raise ConfigError(
-        "no Kafka broker: pass --bootstrap, set PIPELINE_BOOTSTRAP, or start the local "
-        "broker with 'pipeline kafka start'"
-    )
+    Raises:
+        ConfigError: No broker to connect to, or inconsistent security settings.
+    """
+    from pipeline.broker.cluster import local_connection
+
+    settings = Settings()
+    local = local_connection(settings.home)
+    address = given or settings.bootstrap or (local.bootstrap if local else None)
+    if not address:
+        raise ConfigError(
+            "no Kafka broker: pass --bootstrap, set PIPELINE_BOOTSTRAP, or start the local "
+            "broker with 'pipeline kafka start'"
+        )
+    if settings.security_configured:
+        return Connection(address, settings.security())
+    if local is not None and local.bootstrap == address:
+        return local  # the local broker as itself: its admin when it runs secure
+    return Connection(address)
 
 
 def register(app: typer.Typer) -> None:
@@ -143,8 +152,14 @@ def run(
     )
     address = bootstrap_address(bootstrap)
     # Stage resources that open their own clients (e.g. an enrich table) find the broker here.
-    os.environ["PIPELINE_BOOTSTRAP"] = address
-    stats = asyncio.run(run_stages(pipeline, names, address, options=options))
+    os.environ["PIPELINE_BOOTSTRAP"] = address.bootstrap
+    logging.getLogger("pipeline").info("Kafka at %s", address.describe())
+    try:
+        stats = asyncio.run(run_stages(pipeline, names, address, options=options))
+    except AuthorizationError as exc:
+        if address.security.principal:  # say who was refused (the password never)
+            exc.context.setdefault("principal", address.security.principal)
+        raise
     for s in stats:  # one JSON line per stage, never wrapped
         sys.stderr.write(json.dumps(s.as_dict()) + "\n")
 
@@ -277,9 +292,9 @@ def tail(
 
     async def go() -> None:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=address, enable_auto_commit=False, isolation_level="read_committed"
+            **address.client_args(), enable_auto_commit=False, isolation_level="read_committed"
         )
-        await consumer.start()
+        await start_client(consumer, address, f"reading topic {topic}")
         shown = 0
         try:
             known = await consumer._client.fetch_all_metadata()
@@ -344,9 +359,16 @@ def deploy_k8s(
     bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap inside the cluster.")] = (
         "kafka:9092"
     ),
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="SASL_SSL, each stage as its own principal (pipeline acl); passwords and CA "
+            "from Secrets '<stage>-kafka' and 'kafka-ca' (referenced, never inlined)."
+        ),
+    ] = False,
 ) -> None:
     """Print per stage a Deployment (probes, resources) and a KEDA ScaledObject on its lag."""
     from pipeline.deploy import kubernetes, to_yaml
 
-    docs = kubernetes(load_pipeline(ref), ref, image=image, bootstrap=bootstrap)
+    docs = kubernetes(load_pipeline(ref), ref, image=image, bootstrap=bootstrap, secure=secure)
     sys.stdout.write(to_yaml(docs))

@@ -8,6 +8,7 @@ cluster (or on the single broker, node 1): a killed node keeps its data and its 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -20,6 +21,7 @@ from pipeline.errors import LocalBrokerError
 if TYPE_CHECKING:
     from pipeline.broker import BrokerStatus, LocalBroker
     from pipeline.broker.cluster import LocalCluster
+    from pipeline.broker.secure import BrokerSecurity
 
 app = typer.Typer(
     help="Run a local Apache Kafka broker, or a replicated cluster (--brokers 3).",
@@ -33,31 +35,57 @@ NodeArg = Annotated[
 ]
 
 
-def _broker(settings: Settings, *, port: int | None = None, provision: bool = False) -> LocalBroker:
+def _broker(
+    settings: Settings, *, port: int | None = None, provision: bool = False, secure: bool = False
+) -> LocalBroker:
     """The single-node broker; only ``start`` needs Java and jars."""
     from pipeline.broker import LocalBroker, ensure_jars, find_java
+    from pipeline.broker.secure import BrokerSecurity
 
     workdir = settings.home / "broker"
+    security = BrokerSecurity(workdir / "secure") if secure else None
     if not provision:
-        return LocalBroker(workdir)
+        return LocalBroker(workdir, security=security)
     java, _ = find_java(settings.java_home)
     jars = ensure_jars(settings.home, settings.kafka_version)
-    return LocalBroker(workdir, jars=jars, java=java, port=port, heap_mb=settings.broker_heap_mb)
+    return LocalBroker(
+        workdir, jars=jars, java=java, port=port, heap_mb=settings.broker_heap_mb,
+        security=security,
+    )  # fmt: skip
 
 
 def _cluster(
-    settings: Settings, *, size: int = 3, port: int | None = None, provision: bool = False
+    settings: Settings,
+    *,
+    size: int = 3,
+    port: int | None = None,
+    provision: bool = False,
+    secure: bool = False,
 ) -> LocalCluster:
     from pipeline.broker import ensure_jars, find_java
     from pipeline.broker.cluster import LocalCluster
 
     workdir = settings.home / "cluster"
     if not provision:
-        return LocalCluster(workdir)
+        return LocalCluster(workdir, secure=secure)
     java, _ = find_java(settings.java_home)
     jars = ensure_jars(settings.home, settings.kafka_version)
     heap = min(settings.broker_heap_mb, 256)  # three JVMs on a small machine
-    return LocalCluster(workdir, size=size, jars=jars, java=java, port=port, heap_mb=heap)
+    return LocalCluster(
+        workdir, size=size, jars=jars, java=java, port=port, heap_mb=heap, secure=secure
+    )
+
+
+def _refuse_plain_to_secure(workdir: Path, kind: str) -> None:
+    """A broker formatted without security has no admin user: it cannot become secure."""
+    from pipeline.broker.secure import BrokerSecurity
+
+    formatted = any(workdir.glob("**/meta.properties"))
+    if formatted and not BrokerSecurity(workdir / "secure").exists:
+        raise LocalBrokerError(
+            f"the local {kind} in {workdir} was set up without security; start it afresh "
+            f"secure with 'pipeline kafka start --secure --fresh' (its topics are deleted)"
+        )
 
 
 def _in_use(settings: Settings) -> str:
@@ -77,6 +105,13 @@ def start(
     ] = None,
     fresh: Annotated[bool, typer.Option(help="Delete the broker's data first.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 120.0,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="SASL_SSL (SCRAM) for clients, mTLS between nodes, ACLs enforced; an admin "
+            "super user. A broker set up secure stays secure."
+        ),
+    ] = False,
 ) -> None:
     """Start the local broker (KRaft, 127.0.0.1), a cluster, or one node of it."""
     settings = Settings()
@@ -101,13 +136,17 @@ def start(
                 f"{brokers}: start it with --brokers {existing.size}, or start afresh with "
                 f"--fresh"
             )
-        cluster = _cluster(settings, size=brokers, port=port, provision=True)
+        if secure:
+            _refuse_plain_to_secure(settings.home / "cluster", "cluster")
+        cluster = _cluster(settings, size=brokers, port=port, provision=True, secure=secure)
         with out.status(f"Starting {brokers} Apache Kafka {settings.kafka_version} nodes ..."):
             bootstrap = cluster.start(timeout=timeout)
         version = settings.kafka_version
         out.print(f"Kafka {version} cluster of {brokers} running at [bold]{bootstrap}[/]")
     else:
-        broker = _broker(settings, port=port, provision=True)
+        if secure:
+            _refuse_plain_to_secure(settings.home / "broker", "broker")
+        broker = _broker(settings, port=port, provision=True, secure=secure)
         with out.status(f"Starting Apache Kafka {settings.kafka_version} ..."):
             bootstrap = broker.start(timeout=timeout)
         status = broker.status(ask=False)
@@ -115,6 +154,26 @@ def start(
             f"Kafka {settings.kafka_version} running at [bold]{bootstrap}[/] (pid {status.pid})"
         )
     out.print(f"  export PIPELINE_BOOTSTRAP={bootstrap}")
+    local = _cluster(settings) if kind == "cluster" else _broker(settings)
+    if local.security is not None:
+        _print_secure(local.security, settings)
+
+
+def _print_secure(security: BrokerSecurity, settings: Settings) -> None:
+    out.print(
+        "  secure: SASL_SSL with SCRAM-SHA-512/256, TLS from a local CA, ACLs enforced.\n"
+        "  On this machine the CLI connects as the admin user by itself; a client of its own "
+        "(a stage with its own principal) sets:"
+    )
+    out.print(
+        "  export PIPELINE_SECURITY_PROTOCOL=SASL_SSL PIPELINE_SASL_MECHANISM=SCRAM-SHA-512\n"
+        f"  export PIPELINE_SSL_CAFILE={security.cafile}\n"
+        "  export PIPELINE_SASL_USERNAME=<user> PIPELINE_SASL_PASSWORD_FILE=<file>\n"
+        "  (users: 'pipeline kafka user NAME --password-file FILE'; their ACLs: "
+        "'pipeline acl MODULE:PIPELINE --apply'; the admin password is in "
+        f"{security.directory / 'admin.password'})",
+        soft_wrap=True,
+    )
 
 
 def _start_node(settings: Settings, node: int, timeout: float) -> None:
@@ -132,6 +191,41 @@ def _single_node(node: int) -> None:
             f"the local broker is a single node (1), there is no node {node}; a cluster "
             f"starts with 'pipeline kafka start --brokers 3'"
         )
+
+
+@app.command("user")
+def user(
+    name: Annotated[str, typer.Argument(help="The SCRAM user (a stage's principal).")],
+    password_file: Annotated[
+        Path,
+        typer.Option(help="File holding the password; a missing file gets a new random password."),
+    ],
+) -> None:
+    """Create a SCRAM user (SHA-512 and SHA-256) or change its password, as an admin.
+
+    Works against any cluster the CLI connects to (PIPELINE_BOOTSTRAP and the security
+    settings); against the secure local broker it connects as its admin by itself.
+    """
+    import asyncio
+    import os
+    import secrets
+
+    from pydantic import SecretStr
+
+    from pipeline.cli.commands import bootstrap_address
+    from pipeline.ops.users import set_password
+
+    generated = not password_file.exists()
+    if generated:
+        password_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    password = SecretStr(password_file.read_text().strip())
+    target = bootstrap_address(None)
+    asyncio.run(set_password(target, name, password))
+    how = "a new random password written to" if generated else "the password in"
+    out.print(f"user '{name}' (SCRAM-SHA-512/256): {how} {password_file}", highlight=False)
 
 
 @app.command("kill")

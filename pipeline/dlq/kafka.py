@@ -21,15 +21,17 @@ from pipeline.dlq.records import (
 )
 from pipeline.dsl import Pipeline, StageNode
 from pipeline.errors import PipelineError, TopicError
+from pipeline.runtime.diagnose import start_client
 from pipeline.runtime.kafka import BatchWriter, partition_for, translate
 from pipeline.runtime.topics import DLQ_RETENTION_MS, TopicSpec, ensure_topics
+from pipeline.security import Bootstrap, connection
 
 Progress = Callable[[int, int], None]  # (dead letters read, dead letters to read)
 _FLUSH_EVERY = 2000
 
 
 async def read_dead_letters(
-    bootstrap: str, topic: str, progress: Progress | None = None
+    bootstrap: Bootstrap, topic: str, progress: Progress | None = None
 ) -> AsyncGenerator[DeadLetterRecord, None]:
     """The dead letters in ``topic`` up to its end offsets at the start (read_committed).
 
@@ -38,13 +40,13 @@ async def read_dead_letters(
         BrokerUnavailableError: No broker answers.
     """
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **connection(bootstrap).client_args(),
         enable_auto_commit=False,
         isolation_level="read_committed",
         max_poll_records=5000,
     )
+    await start_client(consumer, bootstrap, "reading dead letters")
     try:
-        await consumer.start()
         cluster = await consumer._client.fetch_all_metadata()
         parts = cluster.partitions_for_topic(topic)
         if not parts:
@@ -79,7 +81,7 @@ async def read_dead_letters(
             await consumer.stop()
 
 
-async def summarize(bootstrap: str, pipeline: Pipeline, stage: str) -> DlqSummary:
+async def summarize(bootstrap: Bootstrap, pipeline: Pipeline, stage: str) -> DlqSummary:
     """Count the dead letters of ``stage`` by error class (and partition).
 
     Raises:
@@ -98,7 +100,12 @@ async def summarize(bootstrap: str, pipeline: Pipeline, stage: str) -> DlqSummar
 
 
 async def show(
-    bootstrap: str, pipeline: Pipeline, stage: str, *, limit: int = 20, where: Where | None = None
+    bootstrap: Bootstrap,
+    pipeline: Pipeline,
+    stage: str,
+    *,
+    limit: int = 20,
+    where: Where | None = None,
 ) -> list[tuple[DeadLetterRecord, Any]]:
     """The first ``limit`` dead letters of ``stage`` that match ``where``, each with its value
     decoded by the stage's input schema (or a description of the raw bytes)."""
@@ -126,7 +133,7 @@ def decode_value(pipeline: Pipeline, node: StageNode, data: bytes | None) -> Any
 
 
 async def replay(
-    bootstrap: str,
+    bootstrap: Bootstrap,
     pipeline: Pipeline,
     stage: str,
     *,
@@ -189,10 +196,13 @@ def _receipts_spec(node: StageNode, pipeline: Pipeline) -> TopicSpec:
 class _ReplayWriter:
     """An idempotent producer (acks=all) writing replayed records to one topic in batches."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: Bootstrap, topic: str) -> None:
         self.topic = topic
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+            **connection(bootstrap).client_args(),
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
         )
         self._writer = BatchWriter(self._producer)
         self._partitions = 0

@@ -35,7 +35,9 @@ from aiokafka.protocol.api import Request, RequestStruct
 from aiokafka.structs import TopicPartition
 
 from pipeline.dsl import Pipeline, StageNode
+from pipeline.runtime.diagnose import start_client
 from pipeline.runtime.kafka import translate
+from pipeline.security import Bootstrap, connection
 
 T = TypeVar("T")
 
@@ -87,7 +89,7 @@ class _Sample:
 
 
 async def pipeline_status(
-    bootstrap: str, pipeline: Pipeline, interval: float = 1.0
+    bootstrap: Bootstrap, pipeline: Pipeline, interval: float = 1.0
 ) -> list[StageStatus]:
     """Every stage of ``pipeline``: members, lag, rates over ``interval`` seconds, DLQ size.
 
@@ -95,10 +97,11 @@ async def pipeline_status(
         BrokerUnavailableError: No broker answers.
     """
     nodes = list(pipeline.nodes())
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="pipeline-status")
-    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    args = connection(bootstrap).client_args()
+    admin = AIOKafkaAdminClient(**args, client_id="pipeline-status")
+    reader = AIOKafkaConsumer(**args, enable_auto_commit=False)
+    await start_client(admin, bootstrap, "reading the pipeline's status")
     try:
-        await admin.start()
         await reader.start()
         first = await _sample(admin, reader, nodes)
         await asyncio.sleep(interval)

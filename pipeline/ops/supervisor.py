@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.security import Bootstrap
+
 log = logging.getLogger(__name__)
 
 _BACKOFF_FIRST, _BACKOFF_MAX, _STEADY_S = 1.0, 30.0, 60.0
@@ -92,13 +94,15 @@ class Supervisor:
         shutdown_timeout: Seconds an instance gets to drain before SIGKILL.
         stats_dir: Each instance writes its JSON counters to ``<stage>-<index>.json`` here.
         env: More environment variables for every instance.
+        stage_env: More environment variables per stage (on a secure cluster, each stage's
+            own principal: ``PIPELINE_SASL_USERNAME`` and ``PIPELINE_SASL_PASSWORD_FILE``).
     """
 
     def __init__(
         self,
         ref: str,
         stages: Sequence[str],
-        bootstrap: str,
+        bootstrap: Bootstrap,
         *,
         logs: Path,
         scale: Mapping[str, int] | None = None,
@@ -106,13 +110,15 @@ class Supervisor:
         shutdown_timeout: float = 30.0,
         stats_dir: Path | None = None,
         env: Mapping[str, str] | None = None,
+        stage_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.ref = ref
-        self.bootstrap = bootstrap
+        self.bootstrap = str(bootstrap)  # children resolve their security as the CLI does
         self.logs = logs
         self.extra = list(extra)
         self.shutdown_timeout = shutdown_timeout
         self.env = dict(env or {})
+        self.stage_env = {stage: dict(extra) for stage, extra in (stage_env or {}).items()}
         scale = dict(scale or {})
         logs.mkdir(parents=True, exist_ok=True)
         self.instances = [
@@ -138,7 +144,12 @@ class Supervisor:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
+                env={
+                    **os.environ,
+                    **self.env,
+                    **self.stage_env.get(inst.stage, {}),
+                    "PYTHONUNBUFFERED": "1",
+                },
                 start_new_session=True,  # the supervisor forwards signals itself
             )
         inst.started = time.monotonic()

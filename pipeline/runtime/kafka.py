@@ -16,6 +16,8 @@ from aiokafka import errors as kerr
 from aiokafka.partitioner import murmur2
 
 from pipeline.errors import (
+    AuthenticationError,
+    AuthorizationError,
     BrokerError,
     BrokerUnavailableError,
     FencedError,
@@ -29,19 +31,39 @@ log = logging.getLogger(__name__)
 _PARTITION_CACHE_LIMIT = 200_000
 
 #: What a fenced producer raises: another instance bumped its epoch (a zombie).
-FENCED = (kerr.ProducerFenced, kerr.InvalidProducerEpoch, kerr.TransactionalIdAuthorizationFailed)
+FENCED = (kerr.ProducerFenced, kerr.InvalidProducerEpoch)
+#: What an ACL denies, and the operation and resource kind each error means.
+DENIED: dict[type[BaseException], str] = {
+    kerr.TopicAuthorizationFailedError: "the topic",
+    kerr.GroupAuthorizationFailedError: "the consumer group",
+    kerr.ClusterAuthorizationFailedError: "the cluster",
+    kerr.TransactionalIdAuthorizationFailed: "the transactional id",
+}
 
 
 def translate(exc: BaseException, action: str, **context: Any) -> PipelineError:
     """Turn an aiokafka error into the framework's error, saying what was being done."""
     if isinstance(exc, PipelineError):
         return exc
+    operation = context.pop("operation", None)  # what an ACL may deny (WRITE, READ, ...)
     if isinstance(exc, FENCED):
         return FencedError(
             f"{action}: this instance was fenced (another one took over its partitions): "
             f"{type(exc).__name__}",
             **context,
         )
+    denied = next((what for kind, what in DENIED.items() if isinstance(exc, kind)), None)
+    if denied is not None:
+        name = context.get("topic") if denied == "the topic" else context.get("group")
+        target = f"{denied} {name}" if name and denied != "the cluster" else denied
+        return AuthorizationError(
+            f"{action}: not authorized: the broker's ACLs deny this principal "
+            f"{operation or 'access'} on {target}; grant what the stage needs with "
+            f"'pipeline acl MODULE:PIPELINE --apply' ({type(exc).__name__})",
+            **context,
+        )
+    if isinstance(exc, kerr.SaslAuthenticationFailed | kerr.UnsupportedSaslMechanismError):
+        return AuthenticationError(f"{action}: {exc}", **context)
     if isinstance(exc, kerr.KafkaConnectionError | kerr.NoBrokersAvailable):
         return BrokerUnavailableError(
             f"{action}: no Kafka broker answers ({exc}); check the bootstrap address",
@@ -119,13 +141,16 @@ class BatchWriter:
                 futures.append(await self._producer.send_batch(b, t, partition=p))
         except kerr.KafkaError as exc:
             _retrieve(futures)
-            raise translate(exc, "writing records") from exc
+            topic = batches[len(futures)][1] if len(futures) < len(batches) else None
+            raise translate(exc, "writing records", topic=topic, operation="WRITE") from exc
         # Wait for all of them, even when one fails: an unread failure is logged by asyncio
         # as a traceback when its future is collected.
         results = await asyncio.gather(*futures, return_exceptions=True)
-        for result in results:
+        for result, (_b, topic, _p) in zip(results, batches, strict=True):
             if isinstance(result, kerr.KafkaError):
-                raise translate(result, "writing records") from result
+                raise translate(
+                    result, "writing records", topic=topic, operation="WRITE"
+                ) from result
             if isinstance(result, BaseException):
                 raise result
 

@@ -27,10 +27,12 @@ from aiokafka import errors as kerr
 from aiokafka.structs import TopicPartition as KafkaTP
 
 from pipeline.errors import OffsetOutOfRangeError
+from pipeline.runtime.diagnose import explain
 from pipeline.runtime.kafka import BatchWriter, Listener, partition_for, translate
 from pipeline.runtime.offsets import out_of_range
 from pipeline.runtime.transactions import PartitionProducers
 from pipeline.runtime.transport import Batching, RebalanceCallback
+from pipeline.security import Bootstrap, connection
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class KafkaTransport:
     """One consumer in the stage's group and its producer(s).
 
     Args:
-        bootstrap: Bootstrap servers.
+        bootstrap: Bootstrap servers, or a :class:`~pipeline.security.Connection`.
         group: The stage's consumer group.
         input_topic: The topic the stage reads.
         state_topic: The stage's changelog topic.
@@ -54,7 +56,7 @@ class KafkaTransport:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: Bootstrap,
         *,
         group: str,
         input_topic: str,
@@ -65,14 +67,15 @@ class KafkaTransport:
         read_committed: bool = False,
         advertise: str | None = None,
     ) -> None:
-        self.bootstrap = bootstrap
+        self.connection = connection(bootstrap)
+        self.bootstrap = self.connection.bootstrap
         self.group = group
         self.input_topic = input_topic
         self.state_topic = state_topic
         self.exactly_once = exactly_once
         self.batching = batching
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+            **self.connection.client_args(),
             group_id=group,
             client_id=group if advertise is None else f"{group}@{advertise}",
             enable_auto_commit=False,
@@ -105,7 +108,7 @@ class KafkaTransport:
     def _new_producer(self, partition: int | None) -> AIOKafkaProducer:
         txn_id = None if partition is None else f"{self.group}.{self.input_topic}.{partition}"
         return AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
+            **self.connection.client_args(),
             client_id=self.group,
             acks="all",
             enable_idempotence=True,
@@ -125,6 +128,10 @@ class KafkaTransport:
             self._consumer.subscribe([self.input_topic], listener=Listener(on_revoked, on_assigned))
         except Exception as exc:
             await self.stop()
+            if isinstance(exc, kerr.KafkaError):
+                raise await explain(
+                    self.connection, exc, f"starting the Kafka clients of group {self.group}"
+                ) from exc
             raise translate(exc, "starting the stage's Kafka clients", group=self.group) from exc
 
     async def stop(self) -> None:
@@ -269,7 +276,7 @@ class KafkaTransport:
     ) -> AsyncIterator[tuple[bytes, bytes | None]]:
         """The changelog records of ``partition`` from offset ``start`` to its current end."""
         reader = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **self.connection.client_args(),
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # a checkpoint below the log start reads from it
             isolation_level="read_committed" if self.exactly_once else "read_uncommitted",

@@ -23,9 +23,10 @@ from pipeline.runtime.kafka_transport import KafkaTransport
 from pipeline.runtime.offsets import OffsetReset
 from pipeline.runtime.state import RocksStores
 from pipeline.runtime.stats import StageStats
-from pipeline.runtime.topics import ensure_topics, topic_specs
+from pipeline.runtime.topics import ensure_topics, stage_topic_specs
 from pipeline.runtime.transport import Batching
 from pipeline.runtime.worker import StageWorker
+from pipeline.security import Bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class RunOptions:
 async def run_stages(
     pipeline: Pipeline,
     stage_names: list[str],
-    bootstrap: str,
+    bootstrap: Bootstrap,
     *,
     options: RunOptions = RunOptions(),
     stop: asyncio.Event | None = None,
@@ -72,10 +73,14 @@ async def run_stages(
         BrokerUnavailableError: No broker answers.
         FencedError: Another instance took over (exactly-once): this one is a zombie.
         OffsetOutOfRangeError: A position is gone from the log (see ``offset_reset``).
+        AuthenticationError: The connection's credentials, certificate or protocol refused.
+        AuthorizationError: The stage's principal lacks an ACL it needs.
     """
     nodes = [pipeline.node(name) for name in stage_names]
     _quiet_abandoned_kafka_futures()
-    await ensure_topics(bootstrap, topic_specs(pipeline), create=options.create_topics)
+    # Only the topics these stages read and own: a stage run with its own principal may see
+    # nothing else (pipeline acl), and another stage's topics are that stage's to create.
+    await ensure_topics(bootstrap, stage_topic_specs(pipeline, nodes), create=options.create_topics)
     stop = stop or asyncio.Event()
     workers: list[StageWorker] = []
     async with contextlib.AsyncExitStack() as surface:
@@ -124,7 +129,11 @@ async def _run_workers(
 
 
 def _worker(
-    pipeline: Pipeline, node: StageNode, bootstrap: str, options: RunOptions, url: str | None
+    pipeline: Pipeline,
+    node: StageNode,
+    bootstrap: Bootstrap,
+    options: RunOptions,
+    url: str | None,
 ) -> StageWorker:
     exactly_once = pipeline.delivery is Delivery.EXACTLY_ONCE
     transport = KafkaTransport(

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from pipeline.dsl import Pipeline, TopicPolicy
-from pipeline.errors import TopicError
+from pipeline.dsl import Pipeline, StageNode, TopicPolicy
+from pipeline.errors import AuthorizationError, TopicError
+from pipeline.runtime.diagnose import start_client
 from pipeline.runtime.kafka import translate
+from pipeline.security import Bootstrap, connection
 
 _TOPIC_ALREADY_EXISTS = 36
+_NOT_AUTHORIZED = 29  # TOPIC_AUTHORIZATION_FAILED
 DLQ_RETENTION_MS = str(30 * 24 * 3600 * 1000)  # dead letters wait a month for their replay
 
 
@@ -63,8 +66,19 @@ def topic_specs(pipeline: Pipeline) -> list[TopicSpec]:
     return specs
 
 
+def stage_topic_specs(pipeline: Pipeline, nodes: list[StageNode]) -> list[TopicSpec]:
+    """The topics the stages ``nodes`` read and own (input, output, dead letters, state):
+    what a stage running with its own least-privilege principal checks and creates."""
+    names = set()
+    for node in nodes:
+        names |= {node.input_topic, node.dlq_topic, node.state_topic}
+        if node.output_topic:
+            names.add(node.output_topic)
+    return [s for s in topic_specs(pipeline) if s.name in names]
+
+
 async def ensure_topics(
-    bootstrap: str, specs: list[TopicSpec], *, create: bool = True
+    bootstrap: Bootstrap, specs: list[TopicSpec], *, create: bool = True
 ) -> list[str]:
     """Create missing topics; check existing ones.
 
@@ -76,9 +90,9 @@ async def ensure_topics(
             and ``create`` is false.
         BrokerUnavailableError: No broker answers.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="pipeline-admin")
+    admin = AIOKafkaAdminClient(**connection(bootstrap).client_args(), client_id="pipeline-admin")
+    await start_client(admin, bootstrap, "checking the pipeline's topics")
     try:
-        await admin.start()
         brokers = len(admin._client.cluster.brokers())
         existing = await _describe(admin, [s.name for s in specs])
         _check(specs, existing, brokers)
@@ -107,6 +121,14 @@ async def ensure_topics(
             ]  # fmt: skip
             response = await admin.create_topics(new)
             for topic, code, message in (e[:3] for e in response.topic_errors):
+                if code == _NOT_AUTHORIZED:
+                    raise AuthorizationError(
+                        f"creating topic {topic} failed: this principal may not create it "
+                        f"(CREATE on the topic). Create it as an admin ('pipeline topics "
+                        f"create'), run the stage that owns it first, or grant what the "
+                        f"stage needs with 'pipeline acl MODULE:PIPELINE --apply'",
+                        topic=topic,
+                    )
                 if code not in (0, _TOPIC_ALREADY_EXISTS):
                     raise TopicError(f"creating topic {topic} failed: {message} (error {code})")
             # Another worker may have created one at the same moment: check what exists now.

@@ -23,6 +23,7 @@ import pytest
 
 from pipeline.broker.cluster import LocalCluster
 from pipeline.broker.local import LocalBroker
+from pipeline.broker.secure import BrokerSecurity
 from pipeline.broker.select import BrokerHandle, local_parts, open_broker
 from pipeline.config import Settings
 from pipeline.testing.names import Names
@@ -76,6 +77,25 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """A single-node secure broker (SASL_SSL, mTLS between its listeners, ACLs enforced) of
+    this module's own; ``broker.connection(address)`` is its admin's connection."""
+    settings = Settings()
+    _local_only(settings)
+    java, jars = local_parts(settings)
+    workdir = tmp_path_factory.mktemp("secure-kafka")
+    broker = LocalBroker(
+        workdir, jars=jars, java=java, heap_mb=settings.broker_heap_mb,
+        security=BrokerSecurity(workdir / "secure"),
+    )  # fmt: skip
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.record import SEQ_HEADER, decode_seq
+from pipeline.security import Bootstrap, connection
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,8 +68,8 @@ class StageProcess:
         return self.log.read_text(errors="replace")
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+async def end_offsets(bootstrap: Bootstrap, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(**connection(bootstrap).client_args(), enable_auto_commit=False)
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic) or set()
@@ -82,11 +83,11 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         await consumer.stop()
 
 
-async def count(bootstrap: str, topic: str) -> int:
+async def count(bootstrap: Bootstrap, topic: str) -> int:
     return sum((await end_offsets(bootstrap, topic)).values())
 
 
-async def wait_for_count(bootstrap: str, topic: str, expected: int, within: float) -> int:
+async def wait_for_count(bootstrap: Bootstrap, topic: str, expected: int, within: float) -> int:
     deadline = time.monotonic() + within
     n = 0
     while time.monotonic() < deadline:
@@ -97,11 +98,11 @@ async def wait_for_count(bootstrap: str, topic: str, expected: int, within: floa
     return n
 
 
-async def read_all(bootstrap: str, topic: str, *, read_committed: bool = False) -> list[Any]:
+async def read_all(bootstrap: Bootstrap, topic: str, *, read_committed: bool = False) -> list[Any]:
     """Every record of ``topic`` now, partition by partition in offset order."""
     ends = await end_offsets(bootstrap, topic)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **connection(bootstrap).client_args(),
         enable_auto_commit=False,
         isolation_level="read_committed" if read_committed else "read_uncommitted",
         max_poll_records=5000,

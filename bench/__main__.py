@@ -23,6 +23,7 @@ from bench import (
     ops_overhead,
     report,
     restore,
+    security,
     stage_throughput,
 )
 from pipeline.broker import open_broker
@@ -35,6 +36,7 @@ BENCHMARKS = (
     restore.NAME,
     cluster.NAME,
     ops_overhead.NAME,
+    security.NAME,
     dedup_memory.NAME,
 )
 NO_BROKER = frozenset({dedup_memory.NAME})
@@ -218,6 +220,19 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                 bootstrap,
                 broker,
                 cluster.Config(
+                    records=args.cluster_records,
+                    partitions=args.partitions,
+                    keys=args.keys,
+                    repeat=args.repeat,
+                    results=args.results,
+                ),
+                topics,
+            )
+        if security.NAME in args.only:
+            await security.run(
+                bootstrap,
+                broker,
+                security.Config(
                     records=args.cluster_records,
                     partitions=args.partitions,
                     keys=args.keys,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common, report, workload
-from bench.contenders.stage import run_stage, sync_price_stage
+from bench.contenders.stage import on_each_target
 from pipeline.broker.cluster import LocalCluster
 from pipeline.broker.select import local_parts
 from pipeline.config import Settings
@@ -59,23 +59,10 @@ async def _run(
     load_at_start = common.load_average()
     ctopics = common.Topics(cluster_bootstrap, config.partitions, replication=3)
     targets = {"one_broker": (bootstrap, topics), "three_brokers": (cluster_bootstrap, ctopics)}
-    sources = {}
-    for name, (address, where) in targets.items():
-        source = common.unique(f"cluster-{name}")
-        await where.create(source)
-        seconds = await common.preload(address, source, store, config.records, config.keys)
-        sources[name] = source
-        print(f"[{NAME}] pre-loaded {config.records:,} records on {name} in {seconds:.1f}s")
-
-    async def run_one(name: str) -> common.RunResult:
-        address, where = targets[name]
-        return await run_stage(
-            address, source=sources[name], store=store, stage=sync_price_stage(),
-            target=config.records, partitions=config.partitions, topics=where, label=name,
-        )  # fmt: skip
-
-    runs = await common.alternate(NAME, CONTENDERS, config.repeat, run_one)
-    summaries = {name: report.summarize(results) for name, results in runs.items()}
+    summaries = await on_each_target(
+        NAME, targets, records=config.records, keys=config.keys,
+        partitions=config.partitions, repeat=config.repeat,
+    )  # fmt: skip
     doc = {
         "benchmark": NAME,
         "ratio": report.ratio(summaries, "three_brokers", "one_broker"),
@@ -97,13 +84,9 @@ async def _run(
         "contenders": summaries,
     }
     await ctopics.delete_all()
-    print()
     title = (
         f"{NAME}: {config.records:,} records, {config.partitions} partitions, one stage; "
         f"best of {config.repeat}"
     )
-    print(report.table(title, summaries, "one_broker"))
-    print(f"ratio three_brokers/one_broker: {doc['ratio']}")
-    path = report.write(NAME, doc, config.results)
-    print(f"[{NAME}] results: {path}")
+    report.finish(NAME, doc, title, "three_brokers", "one_broker", config.results)
     return doc

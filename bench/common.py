@@ -31,6 +31,7 @@ from bench import workload
 from pipeline.publish import Publisher
 from pipeline.record import SEQ_HEADER, decode_seq
 from pipeline.schema import SchemaStore
+from pipeline.security import Bootstrap, connection
 
 
 class WarningTally(logging.Handler):
@@ -62,14 +63,16 @@ def unique(prefix: str) -> str:
 class Topics:
     """Creates topics and remembers them, so that :meth:`delete_all` can clean up."""
 
-    def __init__(self, bootstrap: str, partitions: int, replication: int = 1) -> None:
+    def __init__(self, bootstrap: Bootstrap, partitions: int, replication: int = 1) -> None:
         self.bootstrap = bootstrap
         self.partitions = partitions
         self.replication = replication
         self.created: list[str] = []
 
     async def create(self, *names: str) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="bench-admin")
+        admin = AIOKafkaAdminClient(
+            **connection(self.bootstrap).client_args(), client_id="bench-admin"
+        )
         await admin.start()
         r = self.replication
         config = {"min.insync.replicas": str(min(2, r))}
@@ -90,7 +93,9 @@ class Topics:
     async def delete_all(self) -> None:
         if not self.created:
             return
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="bench-admin")
+        admin = AIOKafkaAdminClient(
+            **connection(self.bootstrap).client_args(), client_id="bench-admin"
+        )
         await admin.start()
         try:
             existing = set(await _list_topics(self.bootstrap))
@@ -102,8 +107,8 @@ class Topics:
         self.created.clear()
 
 
-async def _list_topics(bootstrap: str) -> list[str]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+async def _list_topics(bootstrap: Bootstrap) -> list[str]:
+    consumer = AIOKafkaConsumer(**connection(bootstrap).client_args())
     await consumer.start()
     try:
         return sorted(await consumer.topics())
@@ -111,8 +116,10 @@ async def _list_topics(bootstrap: str) -> list[str]:
         await consumer.stop()
 
 
-async def wait_for_topic(bootstrap: str, topic: str, partitions: int, limit: float = 30) -> None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+async def wait_for_topic(
+    bootstrap: Bootstrap, topic: str, partitions: int, limit: float = 30
+) -> None:
+    consumer = AIOKafkaConsumer(**connection(bootstrap).client_args())
     await consumer.start()
     try:
         deadline = time.monotonic() + limit
@@ -126,7 +133,7 @@ async def wait_for_topic(bootstrap: str, topic: str, partitions: int, limit: flo
 
 
 async def preload(
-    bootstrap: str,
+    bootstrap: Bootstrap,
     topic: str,
     store: SchemaStore,
     count: int,
@@ -241,9 +248,9 @@ class RunResult:
         return out
 
 
-async def end_offsets(bootstrap: str, topic: str) -> int:
+async def end_offsets(bootstrap: Bootstrap, topic: str) -> int:
     """Records in ``topic`` (sum of end offsets; every topic here is fresh and never compacted)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(**connection(bootstrap).client_args())
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()
@@ -253,10 +260,10 @@ async def end_offsets(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
-async def committed(bootstrap: str, group: str, topic: str) -> int:
+async def committed(bootstrap: Bootstrap, group: str, topic: str) -> int:
     """Sum of ``group``'s committed offsets on ``topic`` (0 for partitions without a commit)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+        **connection(bootstrap).client_args(), group_id=group, enable_auto_commit=False
     )
     await consumer.start()
     try:
@@ -269,18 +276,23 @@ async def committed(bootstrap: str, group: str, topic: str) -> int:
         await consumer.stop()
 
 
-async def verify(bootstrap: str, result: RunResult, output: str, group: str, topic: str) -> None:
+async def verify(
+    bootstrap: Bootstrap, result: RunResult, output: str, group: str, topic: str
+) -> None:
     """Fill in what the broker says about ``result``'s output topic and committed offsets."""
     result.output_records = await end_offsets(bootstrap, output)
     result.committed_records = await committed(bootstrap, group, topic)
 
 
 async def read_sequences(
-    bootstrap: str, topic: str, expected: int, limit: float = 60
+    bootstrap: Bootstrap, topic: str, expected: int, limit: float = 60
 ) -> dict[bytes | None, list[int]]:
     """Read ``topic`` back; per key, the ``seq`` headers in the order the topic holds them."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        topic,
+        **connection(bootstrap).client_args(),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
     )
     await consumer.start()
     seqs: dict[bytes | None, list[int]] = {}

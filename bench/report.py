@@ -81,3 +81,20 @@ def write(name: str, data: dict[str, Any], directory: Path = RESULTS) -> Path:
     path = directory / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def finish(
+    name: str,
+    doc: dict[str, Any],
+    title: str,
+    contender: str,
+    baseline: str,
+    directory: Path = RESULTS,
+) -> Path:
+    """Print a two-contender benchmark's table and ratio, write its JSON; returns the file."""
+    print()
+    print(table(title, doc["contenders"], baseline))
+    print(f"ratio {contender}/{baseline}: {doc['ratio']}")
+    path = write(name, doc, directory)
+    print(f"[{name}] results: {path}")
+    return path

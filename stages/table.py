@@ -46,6 +46,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka import errors as kerr
 
 from pipeline.errors import ConfigError, PipelineError, StageError, TopicError
+from pipeline.runtime.diagnose import start_client
 from pipeline.runtime.kafka import translate
 from pipeline.security import Bootstrap, connection
 
@@ -322,7 +323,7 @@ class KafkaTable:
         )
         try:
             try:
-                await consumer.start()
+                await start_client(consumer, self.bootstrap, f"loading table {self._name}")
                 await self._follow(consumer)
             except (kerr.KafkaError, OSError) as exc:
                 raise translate(exc, f"loading table {self._name}", topic=self.topic) from exc

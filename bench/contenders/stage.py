@@ -21,6 +21,7 @@ from pipeline.runtime.stats import StageStats
 from pipeline.runtime.topics import ensure_topics, topic_specs
 from pipeline.runtime.transport import Batching
 from pipeline.schema import SchemaStore
+from pipeline.security import Bootstrap
 from pipeline.stage import DedupPolicy, Stage, stage
 
 STAGE_NAME = "price"
@@ -63,7 +64,7 @@ def instrumented(probe: common.Probe) -> Iterator[None]:
 
 
 async def run_stage(
-    bootstrap: str,
+    bootstrap: Bootstrap,
     *,
     source: str,
     store: SchemaStore,
@@ -162,3 +163,36 @@ def sleepy_stage(concurrency: int, sleep: float) -> Stage:
 
 def _dedup(default: bool) -> DedupPolicy:
     return DedupPolicy() if default else DedupPolicy.off()
+
+
+async def on_each_target(
+    bench: str,
+    targets: Mapping[str, tuple[Bootstrap, common.Topics]],
+    *,
+    records: int,
+    keys: int,
+    partitions: int,
+    repeat: int,
+) -> dict[str, Any]:
+    """The same sync stage on each target (a broker or cluster and its topics): pre-load the
+    same input on each, then run alternating ``repeat`` times; the summaries by target."""
+    from bench import report
+
+    store = workload.schema_store()
+    sources = {}
+    for name, (address, where) in targets.items():
+        source = common.unique(f"{bench}-{name}")
+        await where.create(source)
+        seconds = await common.preload(address, source, store, records, keys)
+        sources[name] = source
+        print(f"[{bench}] pre-loaded {records:,} records on {name} in {seconds:.1f}s")
+
+    async def run_one(name: str) -> common.RunResult:
+        address, where = targets[name]
+        return await run_stage(
+            address, source=sources[name], store=store, stage=sync_price_stage(),
+            target=records, partitions=partitions, topics=where, label=name,
+        )  # fmt: skip
+
+    runs = await common.alternate(bench, tuple(targets), repeat, run_one)
+    return {name: report.summarize(results) for name, results in runs.items()}

@@ -265,7 +265,9 @@ def status() -> None:
         )  # fmt: skip
     where = settings.home / _in_use(settings)
     count = f"{len(nodes)} nodes" if len(nodes) > 1 else "1 node"
-    out.print(f"Kafka: {count} in {where}; each a broker and a KRaft controller voter")
+    local = _cluster(settings) if _in_use(settings) == "cluster" else _broker(settings)
+    secure = "; secure (SASL_SSL, mTLS between nodes, ACLs)" if local.security else ""
+    out.print(f"Kafka: {count} in {where}; each a broker and a KRaft controller voter{secure}")
     out.print(table)
 
 

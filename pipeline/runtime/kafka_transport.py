@@ -218,9 +218,13 @@ class KafkaTransport:
                     tp.topic, tp.partition, position=position, start=start, end=end,
                     group=self.group,
                 ) from None  # fmt: skip
-            raise translate(exc, "fetching records", topic=self.input_topic) from exc
+            raise translate(
+                exc, "fetching records", topic=self.input_topic, group=self.group, operation="READ"
+            ) from exc
         except kerr.KafkaError as exc:
-            raise translate(exc, "fetching records", topic=self.input_topic) from exc
+            raise translate(
+                exc, "fetching records", topic=self.input_topic, group=self.group, operation="READ"
+            ) from exc
         return result
 
     def assignment(self) -> set[Any]:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from pydantic import SecretStr
 
 from examples.orders.pipeline import STAGES
@@ -264,3 +265,35 @@ def test_the_broker_material_is_private(secure_broker: LocalBroker) -> None:
     directory = secure_broker.security.directory
     for secret in ("admin.password", "ca.key", "kafka-broker.key", "kafka-broker.keystore.pem"):
         assert (directory / secret).stat().st_mode & 0o077 == 0, secret
+
+
+def test_a_secure_three_node_cluster_replicates_over_mutual_tls(
+    tmp_path: Path, names: Names
+) -> None:
+    from pipeline.broker.cluster import LocalCluster
+    from pipeline.broker.select import local_parts
+    from pipeline.config import Settings
+    from pipeline.runtime.topics import TopicSpec
+
+    settings = Settings()
+    if settings.bootstrap:
+        pytest.skip("a cluster of this test's own needs the local JVM broker")
+    java, jars = local_parts(settings)
+    cluster = LocalCluster(tmp_path / "c", size=3, jars=jars, java=java, heap_mb=256, secure=True)
+    cluster.start()
+    try:
+        admin = cluster.connection()
+        assert admin.security.protocol.sasl and len(admin.bootstrap.split(",")) == 3
+        assert asyncio.run(check(Connection(admin.bootstrap))) is not None  # plaintext refused
+        topic = names.topic()
+        asyncio.run(ensure_topics(admin, [TopicSpec(topic, "test", 3)]))  # RF 3, min ISR 2
+        asyncio.run(_publish(admin, topic, 200))  # acks=all: written on two nodes over mTLS
+        records = asyncio.run(read_all(admin, topic))
+        assert sorted(seq_of(r) for r in records) == list(range(1, 201))
+        # Every node is a member of the secure cluster, as the node restarted keeps it.
+        assert all(n.broker.answering for n in cluster.status())
+        cluster.kill(2)
+        cluster.start_node(2)
+        assert asyncio.run(count(admin, topic)) == 200
+    finally:
+        cluster.stop()

@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kerr
 from aiokafka.structs import TopicPartition as KafkaTP
 
-from pipeline.errors import BrokerError, FencedError
+from pipeline.errors import AuthorizationError, BrokerError, FencedError
 from pipeline.runtime.kafka import FENCED, BatchWriter, translate
 
 log = logging.getLogger("pipeline.runtime.kafka_transport")
@@ -188,6 +188,10 @@ class PartitionProducers:
             # aiokafka's "not in transaction" on a send right after begin_transaction: its
             # transaction manager was reset under us. A zombie (fenced, or forgotten by its
             # group) stops; a member abandons this transaction and reads the partition again.
+            if isinstance(exc, AuthorizationError):  # an ACL denied a write: nothing commits
+                with contextlib.suppress(Exception):
+                    await producer.abort_transaction()
+                raise
             if not isinstance(exc.__cause__, kerr.IllegalOperation):
                 raise
             if producer._txn_manager.is_fatal_error() or not self._member():

@@ -136,12 +136,13 @@ def test_a_wrong_password_fails_in_one_paragraph_within_15s_without_a_retry_stor
     assert len(err.splitlines()) <= 4, err  # one client line from aiokafka at most, no storm
 
 
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
 def test_a_stage_without_its_write_acl_commits_nothing_and_loses_nothing_once_granted(
-    secure_broker: LocalBroker, names: Names, tmp_path: Path
+    secure_broker: LocalBroker, names: Names, tmp_path: Path, delivery: str
 ) -> None:
     admin = admin_of(secure_broker)
     name = names.pipeline()
-    p = twostage.build(name, "at_least_once")
+    p = twostage.build(name, delivery)
     node = p.node("mark")
     records = 300
     asyncio.run(ensure_topics(admin, topic_specs(p)))
@@ -165,7 +166,7 @@ def test_a_stage_without_its_write_acl_commits_nothing_and_loses_nothing_once_gr
     asyncio.run(_publish(publisher, p.source, records))
 
     env = {
-        "TWO_PIPELINE": name, "TWO_DELIVERY": "at_least_once",
+        "TWO_PIPELINE": name, "TWO_DELIVERY": delivery,
         **client_env(admin.security, node.principal, files[node.principal]),
     }  # fmt: skip
     ref = "tests.integration.apps.twostage:build"
@@ -193,7 +194,7 @@ def test_a_stage_without_its_write_acl_commits_nothing_and_loses_nothing_once_gr
             time.sleep(0.5)
     finally:
         assert granted.terminate() == 0, granted.output()[-2000:]
-    out = asyncio.run(read_all(admin, node.output_topic or ""))
+    out = asyncio.run(read_all(admin, node.output_topic or "", read_committed=True))
     assert sorted(seq_of(r) for r in out) == list(range(1, records + 1))
 
 

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kerr
+from aiokafka.protocol.metadata import MetadataRequest
 
 from pipeline.codec import Codec
 from pipeline.errors import ConfigError, EncodeError, PipelineError, TopicError
@@ -184,6 +185,16 @@ class Events:
         return key, data, headers
 
 
+async def _refused(producer: AIOKafkaProducer, topic: str) -> None:
+    """Raise TopicAuthorizationFailedError if the broker hides ``topic`` from this principal
+    (a topic it may not describe is missing from the metadata, as a missing topic is)."""
+    client = producer.client
+    response = await client.send(client.get_random_node(), MetadataRequest([topic], False))
+    for entry in response.topics:
+        if entry[0] == kerr.TopicAuthorizationFailedError.errno:
+            raise kerr.TopicAuthorizationFailedError(topic)
+
+
 class Publisher:
     """Publishes validated, keyed, sequenced events to a topic.
 
@@ -241,15 +252,12 @@ class Publisher:
         try:
             # Ask once for every topic: a missing topic is an error now, not 30 s of the
             # client's retries and warnings.
-            for _ in range(10):  # a topic created a moment ago may not be known everywhere yet
+            for attempt in range(10):  # a topic created a moment ago may not be known yet
                 known = await asyncio.wait_for(producer.client.fetch_all_metadata(), 30)
                 if known.partitions_for_topic(self.topic) is not None:
                     break
-                # A topic this principal may not see is missing from the list: ask for it.
-                producer.client.add_topic(self.topic)
-                await producer.client.force_metadata_update()
-                if self.topic in producer.client.cluster.unauthorized_topics:
-                    raise kerr.TopicAuthorizationFailedError(self.topic)
+                if attempt == 0:  # missing from the list: or hidden from this principal?
+                    await _refused(producer, self.topic)
                 await asyncio.sleep(0.3)
             else:
                 raise TopicError(

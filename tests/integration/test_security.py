@@ -20,7 +20,14 @@ from pydantic import SecretStr
 
 from examples.orders.pipeline import STAGES
 from examples.orders.pipeline import pipeline as orders
-from pipeline import AuthenticationError, Connection, Publisher, SchemaStore, Security
+from pipeline import (
+    AuthenticationError,
+    AuthorizationError,
+    Connection,
+    Publisher,
+    SchemaStore,
+    Security,
+)
 from pipeline.broker.local import LocalBroker
 from pipeline.broker.secure import BrokerSecurity
 from pipeline.broker.tls import ensure_ca
@@ -164,6 +171,8 @@ def test_a_stage_without_its_write_acl_commits_nothing_and_loses_nothing_once_gr
         ),
     )
     asyncio.run(_publish(publisher, p.source, records))
+    with pytest.raises(AuthorizationError, match=f"the topic {node.output_topic}"):
+        asyncio.run(_publish(publisher, node.output_topic or "", 1))  # not the publisher's
 
     env = {
         "TWO_PIPELINE": name, "TWO_DELIVERY": delivery,

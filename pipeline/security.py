@@ -33,7 +33,8 @@ from pydantic import SecretStr
 from pipeline.errors import ConfigError
 
 __all__ = [
-    "Bootstrap", "Connection", "Mechanism", "Protocol", "SecretStr", "Security", "connection",
+    "PLAINTEXT", "Bootstrap", "Connection", "Mechanism", "Protocol", "SecretStr", "Security",
+    "connection",
 ]  # fmt: skip
 
 

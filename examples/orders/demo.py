@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
         with open_broker(settings) as broker:
             console.print(f"broker {broker.bootstrap} ({broker.source})")
-            code = asyncio.run(Demo(broker.bootstrap, args, console).run())
+            code = asyncio.run(Demo(broker.connection, args, console).run())
     except PipelineError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2

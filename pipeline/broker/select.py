@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.broker.probe import probe
 from pipeline.errors import BrokerUnavailableError
+from pipeline.security import PLAINTEXT, Connection, Security
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -39,6 +40,11 @@ class BrokerHandle:
 
     bootstrap: str
     source: str  # "PIPELINE_BOOTSTRAP", "testcontainers" or "local"
+    security: Security = PLAINTEXT  # PIPELINE_SECURITY_PROTOCOL & co. for PIPELINE_BOOTSTRAP
+
+    @property
+    def connection(self) -> Connection:
+        return Connection(self.bootstrap, self.security)
 
 
 def docker_answers() -> bool:
@@ -68,12 +74,14 @@ def open_broker(settings: Settings, workdir: Path | None = None) -> Iterator[Bro
         LocalBrokerError: The local broker cannot be provisioned or started.
     """
     if settings.bootstrap:
-        if not probe(settings.bootstrap, timeout=10.0):
+        security = settings.security()
+        if not probe(Connection(settings.bootstrap, security), timeout=10.0):
             raise BrokerUnavailableError(
-                f"No Kafka broker answers at {settings.bootstrap} (from PIPELINE_BOOTSTRAP). "
-                f"Check the address, or unset PIPELINE_BOOTSTRAP to use a local broker."
+                f"No Kafka broker answers at {settings.bootstrap} (from PIPELINE_BOOTSTRAP, "
+                f"{security.describe()}). Check the address and the security settings, or "
+                f"unset PIPELINE_BOOTSTRAP to use a local broker."
             )
-        yield BrokerHandle(settings.bootstrap, "PIPELINE_BOOTSTRAP")
+        yield BrokerHandle(settings.bootstrap, "PIPELINE_BOOTSTRAP", security)
         return
     if settings.use_docker and docker_answers():
         from testcontainers.kafka import KafkaContainer

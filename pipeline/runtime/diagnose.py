@@ -104,11 +104,17 @@ async def _closed(
             f"SASL_SSL (or SSL) and PIPELINE_SSL_CAFILE"
         )
     if not sec.protocol.sasl:
+        after = "TLS handshake" if sec.protocol.tls else "first request"
+        expects = "SASL authentication (security protocol SASL_SSL or SASL_PLAINTEXT)"
+        if sec.protocol.tls:
+            expects += (
+                ", or does not accept this client certificate" if sec.certfile else
+                ", or a client certificate (mutual TLS: PIPELINE_SSL_CERTFILE and "
+                "PIPELINE_SSL_KEYFILE)"
+            )  # fmt: skip
         return AuthenticationError(
-            f"the Kafka broker at {address} closed the connection after the "
-            f"{'TLS handshake' if sec.protocol.tls else 'first request'}: its listener "
-            f"probably expects SASL authentication (security protocol SASL_SSL or "
-            f"SASL_PLAINTEXT) ({exc})"
+            f"the Kafka broker at {address} closed the connection after the {after}: its "
+            f"listener probably expects {expects} ({exc})"
         )
     return BrokerUnavailableError(f"the broker at {address} closed the connection ({exc})")
 

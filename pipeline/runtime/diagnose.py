@@ -34,6 +34,18 @@ def _hosts(bootstrap: str) -> list[tuple[str, int]]:
     return found
 
 
+async def _listens(host: str, port: int, wait: float) -> bool:
+    """Whether anything accepts a TCP connection at ``host:port``."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+    return True
+
+
 async def _speaks_tls(host: str, port: int, wait: float) -> bool:
     """Whether the listener completes a TLS handshake (certificate not checked)."""
     context = ssl.create_default_context()
@@ -58,6 +70,13 @@ async def _check_one(conn: Connection, host: str, port: int, wait: float) -> Pip
             create_conn(host, port, request_timeout_ms=int(wait * 1000), **args), wait
         )
     except ssl.SSLCertVerificationError as exc:
+        if "hostname" in str(exc.verify_message).lower():
+            return AuthenticationError(
+                f"TLS to the Kafka broker at {address} failed: its certificate does not name "
+                f"{host} ({exc.verify_message}). Connect by a name the certificate has, or "
+                f"set PIPELINE_SSL_CHECK_HOSTNAME=false (weaker: any certificate of the CA "
+                f"passes)"
+            )
         trusted = f"the CA file {sec.cafile}" if sec.cafile else "the system's CAs"
         return AuthenticationError(
             f"TLS to the Kafka broker at {address} failed: its certificate is not trusted by "
@@ -82,6 +101,12 @@ async def _check_one(conn: Connection, host: str, port: int, wait: float) -> Pip
             f"(user '{sec.username}'): {exc}. Set PIPELINE_SASL_MECHANISM to one it enables"
         )
     except (ConnectionError, OSError) as exc:
+        if sec.protocol.tls and await _listens(host, port, wait):
+            return AuthenticationError(
+                f"TLS to the Kafka broker at {address} failed: the listener hung up during the "
+                f"handshake ({type(exc).__name__}): it does not speak TLS. Its security "
+                f"protocol is probably PLAINTEXT or SASL_PLAINTEXT, not {sec.protocol}"
+            )
         return BrokerUnavailableError(f"nothing answers at {address} ({exc})", retriable=True)
     except TimeoutError:
         return BrokerUnavailableError(f"the broker at {address} did not answer in {wait:g}s")

@@ -326,3 +326,11 @@ def test_mutual_tls_client_certificates(secure_broker: LocalBroker) -> None:
     refused = asyncio.run(check(Connection(internal, without)))
     assert isinstance(refused, AuthenticationError)
     assert "client certificate" in str(refused), refused
+
+
+def test_tls_against_a_plaintext_listener_is_named(kafka_bootstrap: str, tmp_path: Path) -> None:
+    ca = ensure_ca(tmp_path / "ca")
+    tls = Security(protocol="SSL", cafile=ca)  # type: ignore[arg-type]
+    found = asyncio.run(check(Connection(kafka_bootstrap, tls)))
+    assert isinstance(found, AuthenticationError)
+    assert "does not speak TLS" in str(found) and "PLAINTEXT" in str(found), found

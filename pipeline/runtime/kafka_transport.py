@@ -17,6 +17,7 @@ end is raised as :class:`~pipeline.errors.OffsetOutOfRangeError` for the worker'
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -37,6 +38,7 @@ from pipeline.security import Bootstrap, connection
 log = logging.getLogger(__name__)
 
 _PARTITION_CACHE_LIMIT = 200_000
+_STOP_TIMEOUT_S = 15.0  # per client, when a stage stops
 
 
 class KafkaTransport:
@@ -138,8 +140,18 @@ class KafkaTransport:
         await self._txn.close()
         while self._started:
             client = self._started.pop()
-            with contextlib.suppress(Exception):
-                await client.stop()
+            try:
+                # Bounded: a consumer whose group routine is stuck in a rejoin (a zombie that
+                # woke up) must not keep a stopping process alive; the group forgets it after
+                # its session timeout anyway.
+                await asyncio.wait_for(client.stop(), _STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning(
+                    "group %s: a Kafka client did not stop within %.0fs; leaving it",
+                    self.group, _STOP_TIMEOUT_S,
+                )  # fmt: skip
+            except Exception as exc:  # stopping is best effort
+                log.debug("group %s: stopping a Kafka client: %s", self.group, exc)
 
     async def claim(self, partition: int) -> None:
         """Take ownership of an input partition (EOS: start its transactional producer).

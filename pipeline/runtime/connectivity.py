@@ -129,11 +129,16 @@ class BrokerEpisodes(logging.Filter):
         """Close the episode when it has been quiet long enough (called once a second)."""
         if self._since is None or self.clock() - self._last < self.quiet:
             return
-        log.log(
-            logging.INFO if self._began_starting else logging.WARNING,
-            "Kafka broker trouble over after %.1fs (%d broker errors retried)",
-            self._last - self._since, self._in_episode,
-        )  # fmt: skip
+        if self._began_starting:  # e.g. a group coordinator not ready yet: usual at start
+            log.info(
+                "Kafka: %d transient broker errors while starting, retried within %.1fs",
+                self._in_episode, self._last - self._since,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "Kafka broker trouble over after %.1fs (%d broker errors retried)",
+                self._last - self._since, self._in_episode,
+            )  # fmt: skip
         self._since, self._in_episode = None, 0
 
 

@@ -124,9 +124,10 @@ async def ensure_topics(
                 if code == _NOT_AUTHORIZED:
                     raise AuthorizationError(
                         f"creating topic {topic} failed: this principal may not create it "
-                        f"(CREATE on the topic). Create it as an admin ('pipeline topics "
-                        f"create'), run the stage that owns it first, or grant what the "
-                        f"stage needs with 'pipeline acl MODULE:PIPELINE --apply'",
+                        f"(CREATE on the topic; a stage's ACLs let it create only its own "
+                        f"output, dead-letter and state topics). Create it as an admin "
+                        f"('pipeline topics create MODULE:PIPELINE') or start the stage "
+                        f"that owns it first",
                         topic=topic,
                     )
                 if code not in (0, _TOPIC_ALREADY_EXISTS):

@@ -64,10 +64,13 @@ def test_a_broker_outage_is_one_line_then_counted_then_one_line_when_over(
     assert episodes.episodes == 2
 
 
-def test_while_starting_a_coordinator_not_there_yet_is_not_trouble() -> None:
+def test_while_starting_a_coordinator_not_there_yet_is_not_trouble(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A fresh broker answers GroupCoordinatorNotAvailable until its offsets topic exists:
     before the stages run, that is said at INFO (dropped where aiokafka logs at WARNING)."""
-    episodes = BrokerEpisodes(quiet=5, clock=Clock())
+    clock = Clock()
+    episodes = BrokerEpisodes(quiet=5, clock=clock)
     rec = record("Group Coordinator Request failed: [Error 15] GroupCoordinatorNotAvailable")
     logging.getLogger("aiokafka").setLevel(logging.INFO)
     try:
@@ -78,6 +81,12 @@ def test_while_starting_a_coordinator_not_there_yet_is_not_trouble() -> None:
     finally:
         logging.getLogger("aiokafka").setLevel(logging.NOTSET)
     assert episodes.errors == 2
+    clock.now += 6
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        episodes.tick()  # the end of a start-up episode is no alarm either
+    [end] = [r for r in caplog.records if "while starting" in r.getMessage()]
+    assert end.levelname == "INFO"
+    assert "2 transient broker errors while starting" in end.getMessage()
 
 
 def test_install_attaches_to_every_aiokafka_logger() -> None:

@@ -107,7 +107,10 @@ async def _check_one(conn: Connection, host: str, port: int, wait: float) -> Pip
                 f"handshake ({type(exc).__name__}): it does not speak TLS. Its security "
                 f"protocol is probably PLAINTEXT or SASL_PLAINTEXT, not {sec.protocol}"
             )
-        return BrokerUnavailableError(f"nothing answers at {address} ({exc})", retriable=True)
+        return BrokerUnavailableError(
+            f"no Kafka broker answers at {address} ({exc}); check the bootstrap address",
+            retriable=True,
+        )
     except TimeoutError:
         return BrokerUnavailableError(f"the broker at {address} did not answer in {wait:g}s")
     except kerr.KafkaError as exc:

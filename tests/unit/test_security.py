@@ -203,4 +203,4 @@ async def test_a_listener_that_hangs_up_is_explained_and_a_closed_port_is_unreac
     assert f"127.0.0.1:{port} closed the connection" in str(found)
     assert "expects SASL" in str(found)
     gone = await check(f"127.0.0.1:{free_port()}", wait=2)
-    assert isinstance(gone, BrokerUnavailableError) and "nothing answers" in str(gone)
+    assert isinstance(gone, BrokerUnavailableError) and "no Kafka broker answers" in str(gone)

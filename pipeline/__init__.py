@@ -27,6 +27,7 @@ from pipeline.errors import (
 from pipeline.publish import Publisher, SyncPublisher
 from pipeline.record import Emit, Record
 from pipeline.runtime.offsets import OffsetReset
+from pipeline.schedule import CatchUp, Schedule
 from pipeline.schema import Schema, SchemaStore
 from pipeline.security import Connection, Security
 from pipeline.stage import (
@@ -44,6 +45,7 @@ __all__ = [
     "BreakerPolicy",
     "BrokerError",
     "BrokerUnavailableError",
+    "CatchUp",
     "Codec",
     "CodecError",
     "ConfigError",
@@ -64,6 +66,7 @@ __all__ = [
     "Publisher",
     "Record",
     "RetryPolicy",
+    "Schedule",
     "Schema",
     "SchemaCompatibilityError",
     "SchemaError",

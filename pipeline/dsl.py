@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.compat import check_compatible
 from pipeline.errors import DefinitionError, SchemaError
+from pipeline.schedule import Schedule
 from pipeline.schema import SchemaStore
 from pipeline.stage import Stage
 
@@ -142,6 +143,7 @@ class Pipeline:
     names: tuple[Names, ...] = ()
     topics: TopicPolicy = TopicPolicy()
     delivery: Delivery = Delivery.AT_LEAST_ONCE
+    schedules: tuple[Schedule, ...] = ()
 
     def __init__(
         self,
@@ -154,6 +156,7 @@ class Pipeline:
         delivery: Delivery | str = Delivery.AT_LEAST_ONCE,
         stages: tuple[Stage, ...] = (),
         names: tuple[Names, ...] = (),
+        schedules: tuple[Schedule, ...] = (),
     ) -> None:
         if not name or any(c in name for c in " /\\:"):
             raise DefinitionError(f"pipeline name {name!r} is not valid (no spaces, '/', ':')")
@@ -168,6 +171,7 @@ class Pipeline:
             ("delivery", delivery),
             ("stages", stages),
             ("names", names),
+            ("schedules", schedules),
         ):
             object.__setattr__(self, attr, value)
 
@@ -228,6 +232,34 @@ class Pipeline:
         )
         grown._check_unique_names()
         return grown
+
+    def with_schedule(self, schedule: Schedule) -> Pipeline:
+        """Return a copy whose source is also fed by ``schedule`` (``pipeline run --schedule``).
+
+        Raises:
+            DefinitionError: Not a Schedule, or another schedule has its name.
+        """
+        if not isinstance(schedule, Schedule):
+            raise DefinitionError(f"pipeline '{self.name}': {schedule!r} is not a Schedule")
+        if any(s.name == schedule.name for s in self.schedules):
+            raise DefinitionError(
+                f"pipeline '{self.name}' already has a schedule named '{schedule.name}'"
+            )
+        return replace(self, schedules=(*self.schedules, schedule))
+
+    def schedule(self, name: str) -> Schedule:
+        """The schedule called ``name``.
+
+        Raises:
+            DefinitionError: No such schedule (the message lists the known ones).
+        """
+        for s in self.schedules:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.schedules) or "none"
+        raise DefinitionError(
+            f"pipeline '{self.name}' has no schedule '{name}' (its schedules: {known})"
+        )
 
     def with_topics(self, topics: TopicPolicy) -> Pipeline:
         """Return a copy with another topic policy."""

@@ -81,6 +81,12 @@ def run(
     ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")],
     stage: Annotated[list[str] | None, typer.Option("--stage", "-s", help="Stage to run.")] = None,
     all_stages: Annotated[bool, typer.Option("--all", help="Run every stage here.")] = False,
+    schedule: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run a replica of this schedule (repeatable): of all replicas, one emits."
+        ),
+    ] = None,
     bootstrap: BootstrapOpt = None,
     stats_file: Annotated[Path | None, typer.Option(help="Write JSON counters here.")] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
@@ -136,8 +142,13 @@ def run(
     pipeline = load_pipeline(ref)
     if all_stages and stage:
         raise ConfigError("--all runs every stage: give either --all or --stage NAME, not both")
+    if schedule and (stage or all_stages):
+        raise ConfigError("--schedule runs a schedule's replica on its own: no --stage or --all")
+    if schedule:
+        _run_schedules(pipeline, schedule, bootstrap, session_timeout_ms)
+        return
     if not all_stages and not stage:
-        raise ConfigError("say which stages to run: --stage NAME (repeatable) or --all")
+        raise ConfigError("say what to run: --stage NAME (repeatable), --all, or --schedule NAME")
     names = [s.name for s in pipeline.stages] if all_stages else list(stage or [])
     options = RunOptions(
         batching=Batching(max_records=max_records) if max_records else Batching(),
@@ -161,6 +172,21 @@ def run(
             exc.context.setdefault("principal", address.security.principal)
         raise
     for s in stats:  # one JSON line per stage, never wrapped
+        sys.stderr.write(json.dumps(s.as_dict()) + "\n")
+
+
+def _run_schedules(
+    pipeline: Any, names: list[str], bootstrap: str | None, session_timeout_ms: int
+) -> None:
+    from pipeline.runtime.scheduler import run_schedules
+
+    schedules = [pipeline.schedule(name) for name in names]  # unknown names fail here
+    address = bootstrap_address(bootstrap)
+    logging.getLogger("pipeline").info("Kafka at %s", address.describe())
+    stats = asyncio.run(
+        run_schedules(pipeline, schedules, address, session_timeout_ms=session_timeout_ms)
+    )
+    for s in stats:
         sys.stderr.write(json.dumps(s.as_dict()) + "\n")
 
 

@@ -32,7 +32,9 @@ def _scale(items: list[str], stages: list[str]) -> dict[str, int]:
         if not sep or not count.isdigit() or int(count) < 1:
             raise ConfigError(f"--scale wants STAGE=N with N >= 1, not {item!r}")
         if name not in stages:
-            raise ConfigError(f"--scale {item}: no stage '{name}' (stages: {', '.join(stages)})")
+            raise ConfigError(
+                f"--scale {item}: no stage or schedule '{name}' (known: {', '.join(stages)})"
+            )
         scale[name] = int(count)
     return scale
 
@@ -48,17 +50,21 @@ def up(
     ] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to drain on stop.")] = 30.0,
 ) -> None:
-    """Run every stage as its own OS process, restarted when it dies, drained on Ctrl-C."""
+    """Run every stage (and a replica of every schedule) as its own OS process, restarted
+    when it dies, drained on Ctrl-C."""
     pipeline = load_pipeline(ref)
     stages = [s.name for s in pipeline.stages]
+    schedules = [s.name for s in pipeline.schedules]
     where = logs or Settings().home / "up" / pipeline.name
     sup = Supervisor(
         ref, stages, bootstrap_address(bootstrap), logs=where,
-        scale=_scale(scale or [], stages), shutdown_timeout=shutdown_timeout,
+        scale=_scale(scale or [], stages + schedules), shutdown_timeout=shutdown_timeout,
+        schedules=schedules,
     )  # fmt: skip
     out.print(f"pipeline {pipeline.name}: {len(sup.instances)} processes, logs in {where}")
     for inst in sup.instances:
-        out.print(f"  {inst.name}: {inst.url}/metrics", highlight=False)
+        what = f"schedule replica, log {inst.log}" if inst.schedule else f"{inst.url}/metrics"
+        out.print(f"  {inst.name}: {what}", highlight=False)
     asyncio.run(_supervise(sup))
 
 
@@ -91,7 +97,10 @@ async def _line(instances: list[Instance]) -> str:
             ready[inst.name] = False
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
-        await asyncio.gather(*(ask(session, i) for i in instances if i.running))
+        await asyncio.gather(*(ask(session, i) for i in instances if i.running and not i.schedule))
+    for inst in instances:
+        if inst.schedule:  # no HTTP surface: a running replica is ready to lead
+            ready[inst.name] = inst.running
     parts, restarts = [], sum(i.restarts for i in instances)
     for stage in dict.fromkeys(i.stage for i in instances):
         mine = [i for i in instances if i.stage == stage]

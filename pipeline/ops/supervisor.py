@@ -67,6 +67,7 @@ class Instance:
     next_start: float = 0.0
     last_exit: int | None = None
     history: list[int] = field(default_factory=list)  # exit codes, oldest first
+    schedule: bool = False  # a replica of a schedule (``--schedule``), not a stage
 
     @property
     def name(self) -> str:
@@ -96,6 +97,8 @@ class Supervisor:
         env: More environment variables for every instance.
         stage_env: More environment variables per stage (on a secure cluster, each stage's
             own principal: ``PIPELINE_SASL_USERNAME`` and ``PIPELINE_SASL_PASSWORD_FILE``).
+        schedules: The pipeline's schedules to run replicas of (``scale`` counts them too; of
+            all replicas of a schedule, one emits).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class Supervisor:
         stats_dir: Path | None = None,
         env: Mapping[str, str] | None = None,
         stage_env: Mapping[str, Mapping[str, str]] | None = None,
+        schedules: Sequence[str] = (),
     ) -> None:
         self.ref = ref
         self.bootstrap = str(bootstrap)  # children resolve their security as the CLI does
@@ -129,8 +133,19 @@ class Supervisor:
             for stage in stages
             for i in range(scale.get(stage, 1))
         ]  # fmt: skip
+        self.instances += [
+            Instance(name, i, free_port(), logs / f"schedule-{name}-{i}.log", schedule=True)
+            for name in schedules
+            for i in range(scale.get(name, 1))
+        ]
 
     def _start(self, inst: Instance) -> None:
+        if inst.schedule:
+            self._spawn(inst, [
+                sys.executable, "-m", "pipeline.cli", "run", self.ref, "--schedule", inst.stage,
+                "--bootstrap", self.bootstrap,
+            ])  # fmt: skip
+            return
         cmd = [
             sys.executable, "-m", "pipeline.cli", "run", self.ref, "--stage", inst.stage,
             "--bootstrap", self.bootstrap, "--http", f"127.0.0.1:{inst.port}",
@@ -138,6 +153,9 @@ class Supervisor:
         ]  # fmt: skip
         if inst.stats_file is not None:
             cmd += ["--stats-file", str(inst.stats_file)]
+        self._spawn(inst, cmd)
+
+    def _spawn(self, inst: Instance, cmd: list[str]) -> None:
         with inst.log.open("ab") as out:
             inst.proc = subprocess.Popen(
                 cmd,

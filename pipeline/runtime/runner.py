@@ -102,7 +102,7 @@ async def _run_workers(
     on_stats: Callable[[list[StageStats]], None] | None,
 ) -> list[StageStats]:
     episodes = BrokerEpisodes.install()
-    with _signals(stop):
+    with signals(stop):
         tasks = [asyncio.create_task(w.run(stop), name=f"stage-{w.node.name}") for w in workers]
         reporter = asyncio.create_task(_report(workers, options, stop, on_stats, episodes))
         try:
@@ -233,7 +233,7 @@ def dump_tasks() -> None:
 
 
 @contextlib.contextmanager
-def _signals(stop: asyncio.Event):  # type: ignore[no-untyped-def]
+def signals(stop: asyncio.Event):  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     installed = []
     for sig, handler in (

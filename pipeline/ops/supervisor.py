@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,27 +27,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.broker.ports import free_port, port_is_free
 from pipeline.security import Bootstrap
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_FIRST, _BACKOFF_MAX, _STEADY_S = 1.0, 30.0, 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 @dataclass(slots=True)
@@ -195,7 +179,7 @@ class Supervisor:
                 )
                 inst.backoff = min(inst.backoff * 2, _BACKOFF_MAX)
             elif inst.proc is None and now >= inst.next_start:
-                if not _port_free(inst.port):  # someone took it meanwhile: a new address
+                if not port_is_free(inst.port):  # someone took it meanwhile: a new address
                     inst.port = free_port()
                 self._start(inst)
                 inst.restarts += 1

@@ -207,20 +207,13 @@ def user(
     settings); against the secure local broker it connects as its admin by itself.
     """
     import asyncio
-    import os
-    import secrets
 
     from pydantic import SecretStr
 
     from pipeline.cli.commands import bootstrap_address
-    from pipeline.ops.users import set_password
+    from pipeline.ops.users import ensure_password_file, set_password
 
-    generated = not password_file.exists()
-    if generated:
-        password_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24))
+    generated = ensure_password_file(password_file)
     password = SecretStr(password_file.read_text().strip())
     target = bootstrap_address(None)
     asyncio.run(set_password(target, name, password))

@@ -141,14 +141,21 @@ async def set_password(
             )
 
 
+def ensure_password_file(path: Path) -> bool:
+    """Write a random password to ``path`` (mode 0600) unless it exists; whether it wrote."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(24))
+    return True
+
+
 def password_file(directory: Path, user: str) -> Path:
-    """``directory/<user>.password``: created with a random password (mode 0600) if missing."""
+    """``directory/<user>.password``, with a random password written there if missing."""
     path = directory / f"{user}.password"
-    if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24))
+    ensure_password_file(path)
     return path
 
 

@@ -334,3 +334,25 @@ def test_tls_against_a_plaintext_listener_is_named(kafka_bootstrap: str, tmp_pat
     found = asyncio.run(check(Connection(kafka_bootstrap, tls)))
     assert isinstance(found, AuthenticationError)
     assert "does not speak TLS" in str(found) and "PLAINTEXT" in str(found), found
+
+
+def test_kafka_user_creates_a_scram_user_that_can_log_in(
+    secure_broker: LocalBroker, names: Names, tmp_path: Path
+) -> None:
+    admin = admin_of(secure_broker)
+    user, secret = names.pipeline("svc"), tmp_path / "svc.password"
+    made = cli("kafka", "user", user, "--password-file", str(secret), env=admin_env(secure_broker))
+    assert made.returncode == 0, made.stderr
+    assert "a new random password written to" in made.stdout
+    assert secret.stat().st_mode & 0o077 == 0
+    assert secret.read_text().strip() not in made.stdout + made.stderr
+    login = Security(
+        protocol="SASL_SSL",  # type: ignore[arg-type]
+        mechanism="SCRAM-SHA-256",  # type: ignore[arg-type]
+        username=user,
+        password=SecretStr(secret.read_text().strip()),
+        cafile=admin.security.cafile,
+    )
+    assert asyncio.run(check(Connection(admin.bootstrap, login))) is None
+    again = cli("kafka", "user", user, "--password-file", str(secret), env=admin_env(secure_broker))
+    assert again.returncode == 0 and "the password in" in again.stdout  # kept, set again

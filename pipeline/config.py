@@ -74,8 +74,19 @@ class Settings(BaseSettings):
 
     @property
     def security_configured(self) -> bool:
-        """Whether any security setting was given (else a secure local broker's admin)."""
-        return self.security_protocol is not None
+        """Whether any security setting was given (else a secure local broker's admin).
+
+        Any of them counts, so that a user and password given without the protocol are an
+        error (:meth:`security` says which setting is missing) instead of being ignored.
+        """
+        return any(
+            v is not None
+            for v in (
+                self.security_protocol, self.sasl_mechanism, self.sasl_username,
+                self.sasl_password, self.sasl_password_file, self.ssl_cafile,
+                self.ssl_certfile, self.ssl_keyfile,
+            )
+        )  # fmt: skip
 
     def security(self) -> Security:
         """The client :class:`~pipeline.security.Security` these settings describe.

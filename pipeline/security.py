@@ -119,9 +119,10 @@ class Security:
                     f"'{self.username}': set PIPELINE_SASL_PASSWORD_FILE (a file holding it) "
                     f"or PIPELINE_SASL_PASSWORD"
                 )
-        elif self.mechanism is not None or self.username is not None:
+        elif any(v is not None for v in (self.mechanism, self.username, self.password)):
             raise ConfigError(
-                f"a SASL user or mechanism is set but the security protocol is {protocol}: "
+                f"a SASL user, password or mechanism is set but the security protocol is "
+                f"{protocol}: "
                 f"set PIPELINE_SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT)"
             )
         if not protocol.tls and (self.cafile or self.certfile or self.keyfile):

@@ -92,6 +92,17 @@ def test_settings_read_the_password_from_a_file(
         Settings().security()
 
 
+def test_a_user_without_a_protocol_is_an_error_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIPELINE_SASL_USERNAME", "orders.validate")
+    monkeypatch.setenv("PIPELINE_SASL_PASSWORD", SECRET)
+    settings = Settings()
+    assert settings.security_configured  # not silently the local broker's admin
+    with pytest.raises(ConfigError, match="PIPELINE_SECURITY_PROTOCOL=SASL_SSL"):
+        settings.security()
+
+
 def test_a_bootstrap_string_is_a_plaintext_connection() -> None:
     conn = connection("127.0.0.1:9092")
     assert conn.client_args() == {

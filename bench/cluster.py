@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import common, report, workload
-from bench.contenders.stage import on_each_target
+from bench import common, report
+from bench.contenders.stage import compare_targets
 from pipeline.broker.cluster import LocalCluster
 from pipeline.broker.select import local_parts
 from pipeline.config import Settings
@@ -55,38 +55,18 @@ async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics
 async def _run(
     bootstrap: str, broker: str, cluster_bootstrap: str, config: Config, topics: common.Topics
 ) -> dict[str, Any]:
-    store = workload.schema_store()
-    load_at_start = common.load_average()
     ctopics = common.Topics(cluster_bootstrap, config.partitions, replication=3)
     targets = {"one_broker": (bootstrap, topics), "three_brokers": (cluster_bootstrap, ctopics)}
-    summaries = await on_each_target(
-        NAME, targets, records=config.records, keys=config.keys,
-        partitions=config.partitions, repeat=config.repeat,
-    )  # fmt: skip
-    doc = {
-        "benchmark": NAME,
-        "ratio": report.ratio(summaries, "three_brokers", "one_broker"),
-        "ratio_of_medians": report.ratio(summaries, "three_brokers", "one_broker", "median"),
-        "conditions": {
-            "records": config.records,
-            "record_bytes_mean": round(common.record_bytes(store, keys=config.keys), 1),
-            "partitions": config.partitions,
-            "keys": config.keys,
-            "repeat": config.repeat,
-            "stage": "sync price stage, dedup off, at-least-once (acks=all, idempotent)",
-            "one_broker": f"{broker}, replication 1",
-            "three_brokers": "local 3-node KRaft cluster (combined broker+controller JVMs, "
-            "256 MB heap each) on the same machine, replication 3, min.insync.replicas 2",
-            "timing": "first records received -> commit covering the last record",
-            "load_average_1_5_15min_at_start": load_at_start,
-            **common.machine(),
-        },
-        "contenders": summaries,
+    described = {
+        "one_broker": f"{broker}, replication 1",
+        "three_brokers": "local 3-node KRaft cluster (combined broker+controller JVMs, "
+        "256 MB heap each) on the same machine, replication 3, min.insync.replicas 2",
     }
-    await ctopics.delete_all()
-    title = (
-        f"{NAME}: {config.records:,} records, {config.partitions} partitions, one stage; "
-        f"best of {config.repeat}"
-    )
-    report.finish(NAME, doc, title, "three_brokers", "one_broker", config.results)
-    return doc
+    try:
+        return await compare_targets(
+            NAME, targets, described, contender="three_brokers", baseline="one_broker",
+            records=config.records, keys=config.keys, partitions=config.partitions,
+            repeat=config.repeat, results=config.results,
+        )  # fmt: skip
+    finally:
+        await ctopics.delete_all()

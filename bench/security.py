@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import common, report, workload
-from bench.contenders.stage import on_each_target
+from bench import common, report
+from bench.contenders.stage import compare_targets
 from pipeline.broker.local import LocalBroker
 from pipeline.broker.secure import BrokerSecurity
 from pipeline.broker.select import local_parts
@@ -61,41 +61,21 @@ async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics
 async def _run(
     bootstrap: str, broker: str, secure: Connection, config: Config, topics: common.Topics
 ) -> dict[str, Any]:
-    store = workload.schema_store()
-    load_at_start = common.load_average()
     stopics = common.Topics(secure, config.partitions)
     targets: dict[str, tuple[str | Connection, common.Topics]] = {
         "plaintext": (bootstrap, topics),
         "sasl_ssl": (secure, stopics),
     }
-    summaries = await on_each_target(
-        NAME, targets, records=config.records, keys=config.keys,
-        partitions=config.partitions, repeat=config.repeat,
-    )  # fmt: skip
-    doc = {
-        "benchmark": NAME,
-        "ratio": report.ratio(summaries, "sasl_ssl", "plaintext"),
-        "ratio_of_medians": report.ratio(summaries, "sasl_ssl", "plaintext", "median"),
-        "conditions": {
-            "records": config.records,
-            "record_bytes_mean": round(common.record_bytes(store, keys=config.keys), 1),
-            "partitions": config.partitions,
-            "keys": config.keys,
-            "repeat": config.repeat,
-            "stage": "sync price stage, dedup off, at-least-once (acks=all, idempotent)",
-            "plaintext": f"{broker}, PLAINTEXT listener, no authorizer",
-            "sasl_ssl": "secure local broker (one node, same heap): SASL_SSL listener, "
-            "SCRAM-SHA-512, TLS 1.3 (Python ssl / JDK 17), StandardAuthorizer on",
-            "timing": "first records received -> commit covering the last record",
-            "load_average_1_5_15min_at_start": load_at_start,
-            **common.machine(),
-        },
-        "contenders": summaries,
+    described = {
+        "plaintext": f"{broker}, PLAINTEXT listener, no authorizer",
+        "sasl_ssl": "secure local broker (one node, same heap): SASL_SSL listener, "
+        "SCRAM-SHA-512, TLS 1.3 (Python ssl / JDK 17), StandardAuthorizer on",
     }
-    await stopics.delete_all()
-    title = (
-        f"{NAME}: {config.records:,} records, {config.partitions} partitions, one stage; "
-        f"best of {config.repeat}"
-    )
-    report.finish(NAME, doc, title, "sasl_ssl", "plaintext", config.results)
-    return doc
+    try:
+        return await compare_targets(
+            NAME, targets, described, contender="sasl_ssl", baseline="plaintext",
+            records=config.records, keys=config.keys, partitions=config.partitions,
+            repeat=config.repeat, results=config.results,
+        )  # fmt: skip
+    finally:
+        await stopics.delete_all()

@@ -196,3 +196,48 @@ async def on_each_target(
 
     runs = await common.alternate(bench, tuple(targets), repeat, run_one)
     return {name: report.summarize(results) for name, results in runs.items()}
+
+
+async def compare_targets(
+    bench: str,
+    targets: Mapping[str, tuple[Bootstrap, common.Topics]],
+    described: Mapping[str, str],
+    *,
+    contender: str,
+    baseline: str,
+    records: int,
+    keys: int,
+    partitions: int,
+    repeat: int,
+    results: Any,
+) -> dict[str, Any]:
+    """:func:`on_each_target`, then the benchmark's document (ratio ``contender`` /
+    ``baseline``, the conditions with ``described`` saying what each target is), printed and
+    written to ``results``."""
+    from bench import report
+
+    load_at_start = common.load_average()
+    summaries = await on_each_target(
+        bench, targets, records=records, keys=keys, partitions=partitions, repeat=repeat
+    )
+    doc = {
+        "benchmark": bench,
+        "ratio": report.ratio(summaries, contender, baseline),
+        "ratio_of_medians": report.ratio(summaries, contender, baseline, "median"),
+        "conditions": {
+            "records": records,
+            "record_bytes_mean": round(common.record_bytes(workload.schema_store(), keys=keys), 1),
+            "partitions": partitions,
+            "keys": keys,
+            "repeat": repeat,
+            "stage": "sync price stage, dedup off, at-least-once (acks=all, idempotent)",
+            **described,
+            "timing": "first records received -> commit covering the last record",
+            "load_average_1_5_15min_at_start": load_at_start,
+            **common.machine(),
+        },
+        "contenders": summaries,
+    }
+    title = f"{bench}: {records:,} records, {partitions} partitions, one stage; best of {repeat}"
+    report.finish(bench, doc, title, contender, baseline, results)
+    return doc

@@ -62,7 +62,7 @@ from pipeline.errors import ConfigError
 from pipeline.ops.acl import apply, pipeline_acls
 from pipeline.ops.users import client_env, ensure_users
 from pipeline.runtime.topics import ensure_topics, topic_specs
-from pipeline.security import Bootstrap, Security, connection
+from pipeline.security import Bootstrap, SecretStr, connection
 
 REF = "examples.orders.pipeline:pipeline"
 LOG_APPEND_TIME = 1  # aiokafka's timestamp_type of a broker-stamped record
@@ -175,8 +175,10 @@ class Demo:
         user = f"{pipeline.name}.publisher"
         self.publisher = Connection(
             admin.bootstrap,
-            Security(**{**_fields(admin.security), "username": user,
-                        "password": files[user].read_text().strip()}),
+            dataclasses.replace(
+                admin.security, username=user,
+                password=SecretStr(files[user].read_text().strip()),
+            ),
         )  # fmt: skip
         self.console.print(
             f"secure: {len(acls)} users (one per stage, one publisher), "
@@ -376,11 +378,6 @@ class Demo:
             (decode(r.value), r.timestamp if r.timestamp_type == LOG_APPEND_TIME else None)
             for r in await cluster.read(outbox, before[outbox], after[outbox])
         ]
-
-
-def _fields(security: Security) -> dict[str, Any]:
-    """A :class:`Security`'s fields, to build another user's from (same protocol and CA)."""
-    return {f.name: getattr(security, f.name) for f in dataclasses.fields(security)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

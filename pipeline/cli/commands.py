@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -20,6 +20,9 @@ from pipeline.errors import AuthorizationError, CodecError, ConfigError, DecodeE
 from pipeline.loader import load_pipeline
 from pipeline.runtime.diagnose import start_client
 from pipeline.security import Connection
+
+if TYPE_CHECKING:
+    from pipeline.dsl import Pipeline
 
 out = console()
 err = console(stderr=True)
@@ -176,7 +179,7 @@ def run(
 
 
 def _run_schedules(
-    pipeline: Any, names: list[str], bootstrap: str | None, session_timeout_ms: int
+    pipeline: Pipeline, names: list[str], bootstrap: str | None, session_timeout_ms: int
 ) -> None:
     from pipeline.runtime.scheduler import run_schedules
 

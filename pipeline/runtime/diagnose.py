@@ -34,23 +34,14 @@ def _hosts(bootstrap: str) -> list[tuple[str, int]]:
     return found
 
 
-async def _listens(host: str, port: int, wait: float) -> bool:
-    """Whether anything accepts a TCP connection at ``host:port``."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait)
-    except (TimeoutError, OSError):
-        return False
-    writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
-    return True
-
-
-async def _speaks_tls(host: str, port: int, wait: float) -> bool:
-    """Whether the listener completes a TLS handshake (certificate not checked)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+async def _accepts(host: str, port: int, wait: float, *, tls: bool = False) -> bool:
+    """Whether the listener accepts a TCP connection (and, with ``tls``, completes a TLS
+    handshake, its certificate not checked)."""
+    context = None
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context), wait)
     except (TimeoutError, OSError, ssl.SSLError):
@@ -101,7 +92,7 @@ async def _check_one(conn: Connection, host: str, port: int, wait: float) -> Pip
             f"(user '{sec.username}'): {exc}. Set PIPELINE_SASL_MECHANISM to one it enables"
         )
     except (ConnectionError, OSError) as exc:
-        if sec.protocol.tls and await _listens(host, port, wait):
+        if sec.protocol.tls and await _accepts(host, port, wait):
             return AuthenticationError(
                 f"TLS to the Kafka broker at {address} failed: the listener hung up during the "
                 f"handshake ({type(exc).__name__}): it does not speak TLS. Its security "
@@ -125,7 +116,7 @@ async def _closed(
     """The broker hung up during the first exchange: say what it probably expected."""
     sec = conn.security
     address = f"{host}:{port}"
-    if not sec.protocol.tls and await _speaks_tls(host, port, wait):
+    if not sec.protocol.tls and await _accepts(host, port, wait, tls=True):
         return AuthenticationError(
             f"the Kafka broker at {address} closed the connection: its listener speaks TLS, "
             f"and this client connects in {sec.protocol}. Set PIPELINE_SECURITY_PROTOCOL="

@@ -17,7 +17,6 @@ end is raised as :class:`~pipeline.errors.OffsetOutOfRangeError` for the worker'
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -31,7 +30,7 @@ from pipeline.errors import OffsetOutOfRangeError
 from pipeline.runtime.diagnose import explain
 from pipeline.runtime.kafka import BatchWriter, Listener, partition_for, translate
 from pipeline.runtime.offsets import out_of_range
-from pipeline.runtime.transactions import PartitionProducers
+from pipeline.runtime.transactions import PartitionProducers, stop_within
 from pipeline.runtime.transport import Batching, RebalanceCallback
 from pipeline.security import Bootstrap, connection
 
@@ -140,18 +139,7 @@ class KafkaTransport:
         await self._txn.close()
         while self._started:
             client = self._started.pop()
-            try:
-                # Bounded: a consumer whose group routine is stuck in a rejoin (a zombie that
-                # woke up) must not keep a stopping process alive; the group forgets it after
-                # its session timeout anyway.
-                await asyncio.wait_for(client.stop(), _STOP_TIMEOUT_S)
-            except TimeoutError:
-                log.warning(
-                    "group %s: a Kafka client did not stop within %.0fs; leaving it",
-                    self.group, _STOP_TIMEOUT_S,
-                )  # fmt: skip
-            except Exception as exc:  # stopping is best effort
-                log.debug("group %s: stopping a Kafka client: %s", self.group, exc)
+            await stop_within(client, _STOP_TIMEOUT_S, f"a Kafka client of group {self.group}")
 
     async def claim(self, partition: int) -> None:
         """Take ownership of an input partition (EOS: start its transactional producer).

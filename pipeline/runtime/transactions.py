@@ -47,16 +47,23 @@ _UNKNOWN_OUTCOME = (
 _CLOSE_TIMEOUT = 10.0
 
 
+async def stop_within(client: Any, seconds: float, what: str) -> None:
+    """``await client.stop()``, given up after ``seconds`` (logged): stopping is best effort,
+    and a client stuck in a broker exchange (a zombie's consumer in a rejoin) must not keep a
+    stopping stage alive."""
+    try:
+        await asyncio.wait_for(client.stop(), seconds)
+    except TimeoutError:
+        log.warning("%s did not stop within %.0fs; leaving it", what, seconds)
+    except Exception as exc:
+        log.debug("stopping %s: %s", what, exc)
+
+
 async def close_producer(producer: AIOKafkaProducer) -> None:
     """Stop ``producer`` without delivering what it buffered (within a bounded time)."""
     with contextlib.suppress(Exception):
         producer._message_accumulator.fail_all(kerr.ProducerClosed())
-    try:
-        await asyncio.wait_for(producer.stop(), _CLOSE_TIMEOUT)
-    except TimeoutError:
-        log.warning("a transactional producer did not close within %.0fs", _CLOSE_TIMEOUT)
-    except Exception as exc:  # closing is best effort: it is given up anyway
-        log.debug("closing a transactional producer: %s", exc)
+    await stop_within(producer, _CLOSE_TIMEOUT, "a transactional producer")
 
 
 class PartitionProducers:

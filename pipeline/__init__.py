@@ -32,6 +32,7 @@ from pipeline.schema import Schema, SchemaStore
 from pipeline.security import Connection, Security
 from pipeline.stage import (
     BreakerPolicy,
+    CrashPolicy,
     DeadLetterPolicy,
     DedupPolicy,
     RetryPolicy,
@@ -50,6 +51,7 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "Connection",
+    "CrashPolicy",
     "DeadLetterPolicy",
     "DecodeError",
     "DedupPolicy",

@@ -223,6 +223,46 @@ class BreakerPolicy:
         return float(min(self.max_probe_interval, self.probe_interval * 2 ** min(probe - 1, 30)))
 
 
+@dataclass(frozen=True, slots=True)
+class CrashPolicy:
+    """When a record that kills its worker process is dead-lettered instead of run again.
+
+    A record can end its worker without an exception the stage could catch: ``os._exit``, a
+    segfault in a C extension, the kernel's OOM killer, a ``BaseException`` such as
+    ``SystemExit``. Restarted, the worker would read the same record again and die again,
+    forever. So the worker counts *deliveries across restarts* in the committed offset's
+    metadata (see :mod:`pipeline.runtime.crashes`): a record delivered ``max_deliveries`` times
+    by workers that all died with it is dead-lettered with error class ``CrashLoop`` on the
+    next start, and the records behind it flow. ``max_deliveries=None`` turns it off.
+
+    An unrelated death (a SIGKILL while a batch was in flight) counts as a delivery of the
+    records in flight; it takes ``max_deliveries`` deaths with the same record to condemn it.
+
+    Example:
+        >>> CrashPolicy().max_deliveries, CrashPolicy.off().enabled
+        (3, False)
+    """
+
+    max_deliveries: int | None = 3
+
+    def __post_init__(self) -> None:
+        if self.max_deliveries is not None and self.max_deliveries < 2:
+            raise DefinitionError(
+                "CrashPolicy.max_deliveries must be at least 2 (the first death only shows "
+                "that one of the records in flight killed the worker, not which one), or None"
+            )
+
+    @classmethod
+    def off(cls) -> CrashPolicy:
+        """Never dead-letter a record for killing its worker."""
+        return cls(max_deliveries=None)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether deliveries are counted across restarts."""
+        return self.max_deliveries is not None
+
+
 Setup = Callable[[], AbstractAsyncContextManager[Any]]
 
 
@@ -250,6 +290,7 @@ class Stage:
     dedup: DedupPolicy = field(default_factory=DedupPolicy)
     on_dead_letter: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    crash: CrashPolicy = field(default_factory=CrashPolicy)
     setup: Setup | None = None
     is_async: bool = False
     wants_record: bool = False
@@ -311,6 +352,7 @@ def stage(
     dedup: DedupPolicy | None = None,
     on_dead_letter: DeadLetterPolicy | None = None,
     breaker: BreakerPolicy | None = None,
+    crash: CrashPolicy | None = None,
     setup: Setup | None = None,
     reads: tuple[str, ...] = (),
 ) -> Callable[[StageFn], Stage]:
@@ -328,6 +370,8 @@ def stage(
             dead-lettered: processed as usual (default) or parked until a replay.
         breaker: When failures of many keys in a row pause the stage instead of
             dead-lettering (see :class:`BreakerPolicy`).
+        crash: When a record that kills its worker process again and again is dead-lettered
+            (see :class:`CrashPolicy`).
         setup: Opens what the stage needs once per worker, e.g. a client: a function returning
             an async context manager. The worker enters it before it joins the group (retrying
             with backoff while it fails, consuming nothing), exits it when it stops, and hands
@@ -359,6 +403,7 @@ def stage(
             dedup=dedup or DedupPolicy(),
             on_dead_letter=on_dead_letter or DeadLetterPolicy(),
             breaker=breaker or BreakerPolicy(),
+            crash=crash or CrashPolicy(),
             setup=setup,
             is_async=inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn),
             wants_record=_positional_arity(fn) >= 2,

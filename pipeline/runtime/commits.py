@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from pipeline.runtime.holds import Holds
 from pipeline.runtime.lanes import OffsetTracker
@@ -59,6 +59,8 @@ class Commits:
         self._inflight: asyncio.Task[set[int]] | None = None
         self._handled: dict[int, int] = {}  # inline: next offset per partition, handled
         self.committed: dict[int, int] = {}  # offsets last handed to a commit
+        # The metadata of each partition's commit (see pipeline.runtime.crashes), if any.
+        self.marker: Callable[[Mapping[int, int]], dict[int, str]] | None = None
 
     @property
     def finished_in_flight(self) -> bool:
@@ -82,12 +84,22 @@ class Commits:
         """Inline: ``partition`` is handled up to ``offset`` (e.g. after an offset reset)."""
         self._handled[partition] = offset
 
-    async def start(self, offsets: dict[int, int]) -> None:
-        """Start committing everything handled so far; at most one commit is in flight."""
+    async def start(self, offsets: dict[int, int], marks: Mapping[int, str] | None = None) -> None:
+        """Start committing everything handled so far; at most one commit is in flight.
+
+        Args:
+            offsets: Next offset to read, per partition.
+            marks: Metadata for some of them (others get the :attr:`marker`'s).
+        """
         tables = self.table.partitions
         state = {p: tbl.take_dirty() for p, tbl in tables.items() if tbl.pending}
         self.committed.update(offsets)
-        task = self._inflight = asyncio.create_task(self.transport.commit(offsets, state))
+        metadata = None
+        if self.marker is not None and offsets:
+            marks = marks or {}
+            metadata = self.marker({p: o for p, o in offsets.items() if p not in marks})
+            metadata.update(marks)
+        task = self._inflight = asyncio.create_task(self.transport.commit(offsets, state, metadata))
         task.add_done_callback(functools.partial(self._timed, time.monotonic()))
         # Let the commit take its snapshot (the transport swaps its buffers before its first
         # await) before anything else is appended: records handled from now on belong to the
@@ -98,16 +110,19 @@ class Commits:
         if not task.cancelled() and task.exception() is None:
             self.stats.commit_seconds.observe(time.monotonic() - began)
 
-    async def settle(self, handled_since: dict[int, int] | None = None) -> None:
+    async def settle(self, handled_since: dict[int, int] | None = None) -> set[int]:
         """Wait for the commit in flight; deal with partitions whose transaction was lost.
 
         Args:
             handled_since: Offsets of a batch handled while the commit ran; a lost
                 partition's entry is dropped (its records are read again from the log).
+
+        Returns:
+            The partitions whose transaction was lost.
         """
         task, self._inflight = self._inflight, None
         if task is None:
-            return
+            return set()
         lost = await task
         self.stats.commits += 1
         for partition in lost:  # EOS: the transaction did not commit; start over from the log
@@ -116,6 +131,7 @@ class Commits:
             self.forget([partition])
             self.transport.discard(partition)  # outputs handled since then are void too
             await self._on_lost(partition)
+        return lost
 
     def abandon(self) -> None:
         """Forget the commit in flight (it failed; its partitions are read again)."""
@@ -127,10 +143,42 @@ class Commits:
         self.tracker.clear()
         self._handled.clear()
 
-    async def commit(self, offsets: dict[int, int]) -> None:
+    async def commit(self, offsets: dict[int, int], marks: Mapping[int, str] | None = None) -> None:
         """Commit now and wait for it."""
-        await self.start(offsets)
+        await self.start(offsets, marks)
         await self.settle()
+
+    def markable(self, partition: int, offset: int) -> bool:
+        """Whether ``partition`` can be committed at ``offset`` now (no held record before)."""
+        held = self.holds.first_offsets().get(partition)
+        return held is None or held >= offset
+
+    async def mark(
+        self, offsets: dict[int, int], partition: int, offset: int, mark: str
+    ) -> set[int]:
+        """Commit what is handled (``offsets``) and ``partition`` at ``offset`` with metadata
+        ``mark``, before the records from ``offset`` on are handled (see
+        :mod:`pipeline.runtime.crashes`; check :meth:`markable` first).
+
+        Returns:
+            Partitions whose transaction in flight was lost (read again from the log); when
+            ``partition`` is one of them, nothing was committed.
+        """
+        lost = await self.settle(offsets)
+        if partition not in lost:
+            await self.commit({**offsets, partition: offset}, {partition: mark})
+        return lost
+
+    async def mark_finished(self, partition: int, offset: int, mark: str) -> set[int]:
+        """Key lanes: :meth:`mark`, with the records finished so far committed along."""
+        async with self._lock:
+            lost = await self.settle()
+            if partition not in lost:
+                # Nothing awaits from taking the finished records to the commit swapping out
+                # the buffers (as in flush_finished): the outputs made durable are theirs.
+                done = self.tracker.made_durable(self.tracker.take_finished())
+                await self.commit({**done, partition: offset}, {partition: mark})
+            return lost
 
     async def flush_finished(self) -> None:
         """Key lanes: commit the records finished since the last commit."""

@@ -260,6 +260,16 @@ class RecordHandler:
             writer = _ids(msg.headers)[4]
         self._gate.dead(msg, exc, table, mark, writer, self._now)
 
+    def condemn(self, msg: Any, table: PartitionTable, exc: BaseException, deliveries: int) -> None:
+        """Dead-letter a record without calling the stage (workers died with it in hand; see
+        :mod:`pipeline.runtime.crashes`): dedup and parking see it as any dead letter."""
+        self._now = now_ms()
+        self.stats.consumed += 1
+        seq, part, eid, replay, writer = _ids(msg.headers)
+        mark = self._gate.check(msg, table, seq, part, eid, replay, writer)
+        if mark is not None:  # (a duplicate is dropped and counted as one)
+            self._dead(msg, exc, deliveries, table, mark, writer)
+
     # -- failures ----------------------------------------------------------------------------
 
     async def _retry_or_dead_letter(

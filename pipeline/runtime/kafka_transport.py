@@ -368,35 +368,59 @@ class KafkaTransport:
             self._writer.discard()
             self._state_writer.discard()
 
+    async def read_from(self, partitions: list[int]) -> dict[int, tuple[int, str]]:
+        """The committed offset and its metadata per partition, or the log start and ``""``
+        where the group never committed (a new stage reads from the start).
+
+        aiokafka's ``committed()`` drops the metadata; its coordinator's fetch keeps it.
+        """
+        tps = [KafkaTP(self.input_topic, p) for p in partitions]
+        consumer = self._consumer
+        try:
+            found = await consumer._coordinator.fetch_committed_offsets(tps)
+            starts = await consumer.beginning_offsets([tp for tp in tps if tp not in found])
+        except kerr.KafkaError as exc:
+            raise translate(exc, "reading committed offsets", group=self.group) from exc
+        read = {tp.partition: (om.offset, om.metadata or "") for tp, om in found.items()}
+        read.update((tp.partition, (offset, "")) for tp, offset in starts.items())
+        return read
+
     async def commit(
-        self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]
+        self,
+        offsets: Mapping[int, int],
+        state: Mapping[int, Mapping[bytes, bytes | None]],
+        metadata: Mapping[int, str] | None = None,
     ) -> set[int]:
         """Make buffered outputs and ``state`` durable, then commit ``offsets``.
 
         Args:
             offsets: Next offset to read, per input partition.
             state: Changelog updates per input partition (None deletes a key).
+            metadata: Committed with the offsets, per partition (see
+                :mod:`pipeline.runtime.crashes`).
 
         Returns:
             Input partitions whose transaction was lost (EOS); the caller restores their
             state and processes them again from the committed offset.
         """
         if self.exactly_once:
-            return await self._txn.commit(offsets, state)
+            return await self._txn.commit(offsets, state, metadata or {})
         await self._writer.flush()
         for partition, updates in state.items():
             for key, value in updates.items():
                 self._state_writer.append(self.state_topic, partition, key, value, (), None)
         await self._state_writer.flush()
-        await self._commit_offsets(offsets)
+        await self._commit_offsets(offsets, metadata or {})
         return set()
 
-    async def _commit_offsets(self, offsets: Mapping[int, int]) -> None:
+    async def _commit_offsets(
+        self, offsets: Mapping[int, int], metadata: Mapping[int, str]
+    ) -> None:
         if not offsets:
             return
         try:
             await self._consumer.commit(
-                {KafkaTP(self.input_topic, p): o for p, o in offsets.items()}
+                {KafkaTP(self.input_topic, p): (o, metadata.get(p, "")) for p, o in offsets.items()}
             )
         except kerr.CommitFailedError as exc:
             # The group rebalanced under us: the partitions are someone else's now. Their

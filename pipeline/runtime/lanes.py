@@ -137,7 +137,10 @@ class KeyLanes:
             lane = self._lanes[key]
             try:
                 await self._handle(lane[0])
-            except Exception as exc:  # a bug or broker failure: stop the worker loudly
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # a bug, a broker failure, a SystemExit: stop loudly
+                # (a BaseException too: swallowed here, it would leave the worker hanging)
                 self._error = exc
                 self._idle.set()
                 self._room.set()

@@ -132,7 +132,10 @@ class PartitionProducers:
             entry[1].discard()
 
     async def commit(
-        self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]
+        self,
+        offsets: Mapping[int, int],
+        state: Mapping[int, Mapping[bytes, bytes | None]],
+        metadata: Mapping[int, str],
     ) -> set[int]:
         """One transaction per partition: its outputs, its changelog updates, its offset.
 
@@ -151,12 +154,14 @@ class PartitionProducers:
         for partition, batches in snapshots.items():
             if not batches and partition not in offsets:
                 continue
-            if not await self._commit_one(partition, offsets.get(partition), batches):
+            offset = offsets.get(partition)
+            marked = None if offset is None else (offset, metadata.get(partition, ""))
+            if not await self._commit_one(partition, marked, batches):
                 lost.add(partition)
         return lost
 
     async def _commit_one(
-        self, partition: int, offset: int | None, batches: list[tuple[Any, str, int]]
+        self, partition: int, offset: tuple[int, str] | None, batches: list[tuple[Any, str, int]]
     ) -> bool:
         entry = self._owned.get(partition)
         if entry is None:  # released meanwhile (revoked): its new owner reads it again
@@ -176,7 +181,7 @@ class PartitionProducers:
         writer: BatchWriter,
         batches: list[tuple[Any, str, int]],
         partition: int,
-        offset: int | None,
+        offset: tuple[int, str] | None,
     ) -> bool:
         try:
             if producer._txn_manager.is_fatal_error():  # fenced earlier, e.g. by a send

@@ -138,10 +138,19 @@ class Transport(Protocol):
         """Drop outputs buffered for records of input partition ``partition`` (EOS; after its
         transaction was lost and the partition rewound)."""
 
+    async def read_from(self, partitions: list[int]) -> dict[int, tuple[int, str]]:
+        """Where each of ``partitions`` is read from: its committed offset and the metadata
+        committed with it, or the log's start and ``""`` when the group never committed it."""
+        ...
+
     async def commit(
-        self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]
+        self,
+        offsets: Mapping[int, int],
+        state: Mapping[int, Mapping[bytes, bytes | None]],
+        metadata: Mapping[int, str] | None = None,
     ) -> set[int]:
-        """Make buffered outputs, then ``state``, durable; then commit ``offsets``.
+        """Make buffered outputs, then ``state``, durable; then commit ``offsets`` (with
+        ``metadata``, per partition, where given).
 
         Returns:
             Input partitions whose (exactly-once) transaction was lost; they were rewound.

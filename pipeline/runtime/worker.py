@@ -41,6 +41,7 @@ from typing import Any
 from pipeline.dsl import StageNode
 from pipeline.errors import BrokerError, OffsetOutOfRangeError
 from pipeline.runtime.commits import Commits
+from pipeline.runtime.crashes import CrashGuard, handle_in_lanes, handle_inline
 from pipeline.runtime.handler import RecordHandler
 from pipeline.runtime.holds import Tripped
 from pipeline.runtime.lanes import KeyLanes
@@ -103,6 +104,13 @@ class StageWorker:
             node, schemas, transport, self.stats, sleep, clock, tracing=tracing
         )
         self.commits = Commits(transport, self.table, self.stats, self.handler.holds, self._lost)
+        # Deliveries across restarts (see pipeline.runtime.crashes): the window holds what a
+        # worker may have in hand between two commits, with room to spare.
+        concurrency = node.stage.concurrency
+        in_hand = batching.max_records + (_lane_room(concurrency) if concurrency > 1 else 0)
+        self.guard = CrashGuard(node.stage.crash, 4 * in_hand, node.name)
+        if self.guard.enabled:
+            self.commits.marker = self.guard.marks
         self._lock = asyncio.Lock()  # held while a batch is between fetch and commit
         self._lanes: KeyLanes | None = None
         self.pauses = Pauses(
@@ -145,6 +153,8 @@ class StageWorker:
                 try:
                     if self._fatal is None:
                         await self.commits.settle()
+                        if not failed:
+                            await self._clean_marks(set(self.commits.committed))
                 except Exception:
                     if not failed:
                         raise
@@ -238,7 +248,7 @@ class StageWorker:
 
     async def _run_inline(self, stop: asyncio.Event) -> None:
         t, handler, tables, stats = self.transport, self.handler, self.table.partitions, self.stats
-        holds, commits = handler.holds, self.commits
+        holds, commits, suspects = handler.holds, self.commits, self.guard.suspects
         while not stop.is_set():
             self._check_fatal()
             if holds.held and holds.overdue():
@@ -265,11 +275,16 @@ class StageWorker:
                         # Set first: after a trip mid-batch, the commit is capped at the
                         # first held record anyway, and the partition is read again from it.
                         handled[tp.partition] = msgs[-1].offset + 1
+                        todo = msgs
+                        if tp.partition in suspects:  # a worker died with these in hand
+                            todo = await handle_inline(
+                                self.guard, handler, commits, tp.partition, msgs, table, handled
+                            )
                         if handler.is_async:
-                            for msg in msgs:
+                            for msg in todo:
                                 await handler.handle_one(msg, table)
-                        else:
-                            await handler.handle_sync_batch(msgs, table)
+                        elif todo:
+                            await handler.handle_sync_batch(todo, table)
                 except Tripped:
                     tripped = True
                 _observe(stats, batches, began)
@@ -290,7 +305,7 @@ class StageWorker:
     # -- concurrency > 1: key lanes ------------------------------------------------------
 
     async def _run_lanes(self, stop: asyncio.Event) -> None:
-        t, tables, commits = self.transport, self.table.partitions, self.commits
+        tables, commits = self.table.partitions, self.commits
         tracker, handler, stats = commits.tracker, self.handler, self.stats
         holds = handler.holds
         concurrency = self.node.stage.concurrency
@@ -304,7 +319,7 @@ class StageWorker:
             if await handler.handle_one(msg, table):
                 tracker.finished(msg.partition, msg.offset)
 
-        lanes = self._lanes = KeyLanes(concurrency, handle, max(1000, 16 * concurrency))
+        lanes = self._lanes = KeyLanes(concurrency, handle, _lane_room(concurrency))
         flusher = None if self.exactly_once else asyncio.create_task(self._flush_loop(stop))
         try:
             while not stop.is_set():
@@ -320,14 +335,7 @@ class StageWorker:
                 batches = await self._fetch()
                 async with self._lock:
                     self._check_fatal()
-                    owned = t.assignment()
-                    for tp, msgs in batches.items():
-                        if tp not in owned or tp.partition not in tables:
-                            await self._skip(tp, owned)
-                            continue
-                        for msg in msgs:
-                            tracker.started(tp.partition, msg.offset)
-                            lanes.submit(msg.key, msg)
+                    await self._submit(lanes, batches)
                     if self.exactly_once and batches:
                         # A transaction holds whole batches: outputs of a record past an
                         # unfinished one must not commit before that one's offset does.
@@ -345,6 +353,24 @@ class StageWorker:
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher  # re-raises what made the flusher fail
+
+    async def _submit(self, lanes: KeyLanes, batches: Mapping[Any, list[Any]]) -> None:
+        """Hand a fetched batch to the key lanes (a suspect range first, one chunk at a time)."""
+        owned, tables = self.transport.assignment(), self.table.partitions
+        tracker = self.commits.tracker
+        for tp, msgs in batches.items():
+            if tp not in owned or tp.partition not in tables:
+                await self._skip(tp, owned)
+                continue
+            todo = msgs
+            if tp.partition in self.guard.suspects:  # a worker died with these in hand
+                todo = await handle_in_lanes(
+                    self.guard, self.handler, self.commits, lanes, tp.partition, msgs,
+                    tables[tp.partition],
+                )  # fmt: skip
+            for msg in todo:
+                tracker.started(tp.partition, msg.offset)
+                lanes.submit(msg.key, msg)
 
     async def _trip_lanes(self, lanes: KeyLanes, stop: asyncio.Event) -> None:
         """The breaker tripped in a lane: let the others finish, commit, rewind, pause."""
@@ -409,10 +435,16 @@ class StageWorker:
                 if self._stopping:
                     return
                 stats.state = "restoring"
+                taken = []
                 for tp in sorted(assigned):
                     if tp.partition not in self.table.partitions:
                         await self.transport.claim(tp.partition)
                         await self.restore(tp.partition)
+                        taken.append(tp.partition)
+                if self.guard.enabled and taken:
+                    read_from = await self.transport.read_from(taken)
+                    marks = self.guard.taken(read_from)
+                    await self.commits.commit({p: o for p, (o, _) in read_from.items()}, marks)
                 if before == "paused":
                     self.transport.pause()  # new partitions wait out the pause too
                 stats.state = before if before in ("paused", "probing") else "running"
@@ -463,9 +495,8 @@ class StageWorker:
                         if self._lanes is not None:
                             await self._lanes.wait_idle()
                             await commits.flush_finished()
-                        if self.exactly_once and self._fatal is None:
-                            offsets = {p: o for p, o in commits.committed.items() if p in gone}
-                            await self.transport.commit(offsets, {})
+                        if self._fatal is None:
+                            await self._clean_marks(gone)
                     except BrokerError as exc:
                         if not exc.retriable:
                             raise
@@ -483,12 +514,27 @@ class StageWorker:
                     self.stats.held = len(self.handler.holds.held)
                 finally:
                     commits.forget(gone)
+                    self.guard.forget(gone)
                     for partition in gone:
                         await self._close_partition(partition)
         except Exception as exc:  # aiokafka would log and swallow it, and rejoin
             self._fail(exc, "giving up partitions")
             return
         log.info("stage %s: partitions revoked: %s", self.node.name, _fmt(revoked))
+
+    async def _clean_marks(self, partitions: set[int]) -> None:
+        """Commit ``partitions`` once more, saying that no record of them is in hand (see
+        :mod:`pipeline.runtime.crashes`). Under exactly-once this is also the commit in a
+        transaction that tells a zombie it was fenced, even with nothing new to commit."""
+        offsets = {p: o for p, o in self.commits.committed.items() if p in partitions}
+        marks = self.guard.clean(offsets) if self.guard.enabled else None
+        if self.exactly_once:
+            await self.transport.commit(offsets, {}, marks)
+        elif offsets and marks is not None:
+            try:
+                await self.commits.commit(offsets, marks)
+            except BrokerError as exc:  # the next owner suspects a death: a few more commits
+                log.warning("stage %s: could not mark a clean stop: %s", self.node.name, exc)
 
     async def _close_partition(self, partition: int) -> None:
         if partition not in self.table.partitions:
@@ -502,6 +548,11 @@ class StageWorker:
                 )
         self.table.close(partition)
         await self.transport.release(partition)
+
+
+def _lane_room(concurrency: int) -> int:
+    """Records the key lanes buffer before the fetch loop waits."""
+    return max(1000, 16 * concurrency)
 
 
 def _observe(stats: StageStats, batches: Mapping[Any, list[Any]], began: float) -> None:

@@ -73,6 +73,7 @@ class MemoryBroker:
         self._topics: dict[str, list[list[MemoryRecord]]] = {}
         self._starts: dict[tuple[str, int], int] = {}  # log start offsets after deletions
         self._committed: dict[tuple[str, str, int], int] = {}
+        self._metadata: dict[tuple[str, str, int], str] = {}  # committed with the offsets
         self._waiters: list[asyncio.Future[None]] = []
 
     def create_topic(self, name: str, partitions: int) -> None:
@@ -405,10 +406,25 @@ class MemoryTransport:
         self.flushes += 1
         await asyncio.sleep(0)
 
+    async def read_from(self, partitions: list[int]) -> dict[int, tuple[int, str]]:
+        """The committed offset and its metadata per partition, or the log start and ``""``."""
+        found = {}
+        for p in partitions:
+            at = (self.group, self.input_topic, p)
+            if at in self.broker._committed:
+                found[p] = (self.broker._committed[at], self.broker._metadata.get(at, ""))
+            else:
+                found[p] = (self.broker.log_start(self.input_topic, p), "")
+        return found
+
     async def commit(
-        self, offsets: Mapping[int, int], state: Mapping[int, Mapping[bytes, bytes | None]]
+        self,
+        offsets: Mapping[int, int],
+        state: Mapping[int, Mapping[bytes, bytes | None]],
+        metadata: Mapping[int, str] | None = None,
     ) -> set[int]:
-        """Make outputs, then ``state``, visible; then store the next offsets to read.
+        """Make outputs, then ``state``, visible; then store the next offsets to read (with
+        ``metadata`` per partition, as Kafka keeps it).
 
         Raises:
             BrokerError: A partition is not owned, or an offset is past the end of the log.
@@ -429,7 +445,9 @@ class MemoryTransport:
             if not 0 <= offset <= end:
                 raise BrokerError(f"commit of {tp.topic}/{tp.partition}@{offset}: its end is {end}")
         for tp, offset in checked.items():
-            self.broker._committed[(self.group, tp.topic, tp.partition)] = offset
+            at = (self.group, tp.topic, tp.partition)
+            self.broker._committed[at] = offset
+            self.broker._metadata[at] = (metadata or {}).get(tp.partition, "")
         if checked:
             self.commits.append(checked)
         await asyncio.sleep(0)

@@ -95,10 +95,10 @@ class FencedOnRevoke(MemoryTransport):
 
     fenced = False
 
-    async def commit(self, offsets: Any, state: Any) -> set[int]:
+    async def commit(self, offsets: Any, state: Any, metadata: Any = None) -> set[int]:
         if self.fenced:
             raise FencedError("another instance took over partition 0 (test)", partition=0)
-        return await super().commit(offsets, state)
+        return await super().commit(offsets, state, metadata)
 
 
 class FailsToClaim(MemoryTransport):
@@ -160,11 +160,11 @@ class BrokerDownForCommits(MemoryTransport):
 
     failures = 0
 
-    async def commit(self, offsets: Any, state: Any) -> set[int]:
+    async def commit(self, offsets: Any, state: Any, metadata: Any = None) -> set[int]:
         if self.failures:
             self.failures -= 1
             raise BrokerError("writing records: timed out (KafkaTimeoutError)", retriable=True)
-        return await super().commit(offsets, state)
+        return await super().commit(offsets, state, metadata)
 
     def discard(self, partition: int) -> None:
         self._pending = []  # what the failed commit had buffered is gone, as in Kafka

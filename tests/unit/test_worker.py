@@ -469,12 +469,12 @@ class CommitAudit(MemoryTransport):
             for r in self.broker.records(topic)
         }
 
-    async def commit(self, offsets: Any, state: Any) -> set[int]:
+    async def commit(self, offsets: Any, state: Any, metadata: Any = None) -> set[int]:
         await self.flush()
         for partition, offset in offsets.items():
             for rec in self.broker.records(self.input_topic, partition)[:offset]:
                 assert rec.header(ID_HEADER) in self.visible, f"commit {offset} passes {rec}"
-        return await super().commit(offsets, state)
+        return await super().commit(offsets, state, metadata)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "async-concurrent"])

@@ -18,6 +18,7 @@ from bench import (
     cluster,
     common,
     concurrency,
+    crash_guard,
     dedup_memory,
     delivery,
     ops_overhead,
@@ -36,6 +37,7 @@ BENCHMARKS = (
     restore.NAME,
     cluster.NAME,
     ops_overhead.NAME,
+    crash_guard.NAME,
     security.NAME,
     dedup_memory.NAME,
 )
@@ -246,6 +248,19 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                 bootstrap,
                 broker,
                 ops_overhead.Config(
+                    records=args.records,
+                    partitions=args.partitions,
+                    keys=args.keys,
+                    repeat=args.repeat,
+                    results=args.results,
+                ),
+                topics,
+            )
+        if crash_guard.NAME in args.only:
+            await crash_guard.run(
+                bootstrap,
+                broker,
+                crash_guard.Config(
                     records=args.records,
                     partitions=args.partitions,
                     keys=args.keys,

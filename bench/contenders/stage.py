@@ -22,7 +22,7 @@ from pipeline.runtime.topics import ensure_topics, topic_specs
 from pipeline.runtime.transport import Batching
 from pipeline.schema import SchemaStore
 from pipeline.security import Bootstrap
-from pipeline.stage import DedupPolicy, Stage, stage
+from pipeline.stage import CrashPolicy, DedupPolicy, Stage, stage
 
 STAGE_NAME = "price"
 
@@ -129,15 +129,19 @@ async def run_stage(
     return result
 
 
-def sync_price_stage(*, dedup: bool = False) -> Stage:
+def sync_price_stage(*, dedup: bool = False, crash_guard: bool = True) -> Stage:
     """The throughput stage: decode, :func:`~bench.workload.transform`, encode.
 
     Args:
         dedup: Keep the default dedup policy; otherwise dedup is off, so that the stage does
             exactly what the baselines do.
+        crash_guard: Keep the default crash-loop protection (on), or turn it off.
     """
 
-    @stage(STAGE_NAME, input=workload.ORDER, output=workload.ORDER, dedup=_dedup(dedup))
+    @stage(
+        STAGE_NAME, input=workload.ORDER, output=workload.ORDER, dedup=_dedup(dedup),
+        crash=CrashPolicy() if crash_guard else CrashPolicy.off(),
+    )  # fmt: skip
     def price(order: dict[str, Any]) -> dict[str, Any]:
         return workload.transform(order)
 

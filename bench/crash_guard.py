@@ -1,0 +1,80 @@
+"""Benchmark ``crash_guard``: what crash-loop protection costs a stage on the hot path.
+
+The same stage (``stage_throughput``'s, dedup off) over the same pre-loaded input, in the
+same run, runs alternating:
+
+- ``unguarded``: ``CrashPolicy.off()``: commits carry no metadata;
+- ``guarded``: the default ``CrashPolicy()``: every commit carries the delivery mark (a short
+  string per partition) and each assignment commits one more time (see
+  :mod:`pipeline.runtime.crashes`).
+
+``ratio`` = guarded / unguarded (best run of each); target >= 0.95. A worker that follows a
+dead one pays more (a mark per chunk of the dead worker's range): not measured here, bounded
+in tests/unit/test_crashes.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from bench import common, report, workload
+from bench.contenders.stage import run_stage, sync_price_stage
+
+NAME = "crash_guard"
+CONTENDERS = ("unguarded", "guarded")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    records: int = 200_000
+    partitions: int = 3
+    keys: int = 10_000
+    repeat: int = 3
+    results: Path = report.RESULTS
+
+
+async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:
+    store = workload.schema_store()
+    load_at_start = common.load_average()
+    source = common.unique("crash")
+    await topics.create(source)
+    seconds = await common.preload(bootstrap, source, store, config.records, config.keys)
+    print(f"[{NAME}] pre-loaded {config.records:,} records in {seconds:.1f}s")
+
+    async def run_one(name: str) -> common.RunResult:
+        return await run_stage(
+            bootstrap, source=source, store=store,
+            stage=sync_price_stage(crash_guard=name == "guarded"), target=config.records,
+            partitions=config.partitions, topics=topics, label=name,
+        )  # fmt: skip
+
+    runs = await common.alternate(NAME, CONTENDERS, config.repeat, run_one)
+    summaries = {name: report.summarize(results) for name, results in runs.items()}
+    ratio = report.ratio(summaries, "guarded", "unguarded")
+    doc = {
+        "benchmark": NAME,
+        "ratio": ratio,
+        "ratio_of_medians": report.ratio(summaries, "guarded", "unguarded", "median"),
+        "targets": {"ratio_at_least_0.95": None if ratio is None else ratio >= 0.95},
+        "conditions": {
+            "records": config.records,
+            "record_bytes_mean": round(common.record_bytes(store, keys=config.keys), 1),
+            "partitions": config.partitions,
+            "keys": config.keys,
+            "repeat": config.repeat,
+            "broker": broker,
+            "timing": "first records received -> commit covering the last record",
+            "load_average_1_5_15min_at_start": load_at_start,
+            **common.machine(),
+        },
+        "contenders": summaries,
+    }
+    print()
+    title = f"{NAME}: {config.records:,} records, one stage, best of {config.repeat}"
+    print(report.table(title, summaries, "unguarded"))
+    print(f"ratio guarded/unguarded: {ratio}")
+    path = report.write(NAME, doc, config.results)
+    print(f"[{NAME}] results: {path}")
+    return doc

@@ -17,6 +17,7 @@ from pipeline.errors import (
     DefinitionError,
     EncodeError,
     FencedError,
+    JobFailedError,
     OffsetOutOfRangeError,
     PipelineError,
     SchemaCompatibilityError,
@@ -24,6 +25,7 @@ from pipeline.errors import (
     StageError,
     TopicError,
 )
+from pipeline.jobs import JobClient, JobState, JobStatus
 from pipeline.publish import Publisher, SyncPublisher
 from pipeline.record import Emit, Record
 from pipeline.runtime.offsets import OffsetReset
@@ -60,6 +62,10 @@ __all__ = [
     "Emit",
     "EncodeError",
     "FencedError",
+    "JobClient",
+    "JobFailedError",
+    "JobState",
+    "JobStatus",
     "Names",
     "OffsetOutOfRangeError",
     "OffsetReset",

@@ -93,6 +93,14 @@ class Names:
 
 
 @dataclass(frozen=True, slots=True)
+class JobTopics:
+    """Where a pipeline's jobs are tracked (see :meth:`Pipeline.with_jobs`)."""
+
+    status: str  # compacted; key = job id; the latest status of each job (JSON)
+    replies: str  # each job's end (completed or failed), for callers waiting on it
+
+
+@dataclass(frozen=True, slots=True)
 class StageNode:
     """One stage compiled into its place in the topology."""
 
@@ -105,10 +113,17 @@ class StageNode:
     state_topic: str
     group: str
     principal: str = ""  # the SASL user it runs as (default: the group's name)
+    jobs: JobTopics | None = None  # the pipeline tracks jobs: where this stage reports
+    steps: int = 1  # stages in the pipeline (the last one completes a job)
 
     @property
     def name(self) -> str:
         return self.stage.name
+
+    @property
+    def last(self) -> bool:
+        """Whether this is the pipeline's last stage (its result completes a job)."""
+        return self.index == self.steps - 1
 
     @property
     def transactional_prefix(self) -> str:
@@ -144,6 +159,7 @@ class Pipeline:
     topics: TopicPolicy = TopicPolicy()
     delivery: Delivery = Delivery.AT_LEAST_ONCE
     schedules: tuple[Schedule, ...] = ()
+    jobs: JobTopics | None = None
 
     def __init__(
         self,
@@ -157,6 +173,7 @@ class Pipeline:
         stages: tuple[Stage, ...] = (),
         names: tuple[Names, ...] = (),
         schedules: tuple[Schedule, ...] = (),
+        jobs: JobTopics | None = None,
     ) -> None:
         if not name or any(c in name for c in " /\\:"):
             raise DefinitionError(f"pipeline name {name!r} is not valid (no spaces, '/', ':')")
@@ -172,6 +189,7 @@ class Pipeline:
             ("stages", stages),
             ("names", names),
             ("schedules", schedules),
+            ("jobs", jobs),
         ):
             object.__setattr__(self, attr, value)
 
@@ -261,6 +279,24 @@ class Pipeline:
             f"pipeline '{self.name}' has no schedule '{name}' (its schedules: {known})"
         )
 
+    def with_jobs(self, *, status: str | None = None, replies: str | None = None) -> Pipeline:
+        """Return a copy that tracks each event published with a job id as a *job*.
+
+        Every stage reports what it did with a job's record to the status table (a compacted
+        topic, ``P.jobs`` by default, key = job id): passed it on (``running``), completed it
+        (the last stage, with its result), or dead-lettered it (``failed``, with the stage and
+        error class); the end also goes to the reply topic (``P.replies``), where a
+        :class:`~pipeline.jobs.JobClient` waits for it. Records without a job id cost nothing.
+
+        Example:
+            >>> p = Pipeline("orders", source="in", key="id", schemas=store)  # doctest: +SKIP
+            >>> (p | price).with_jobs().jobs                                 # doctest: +SKIP
+            JobTopics(status='orders.jobs', replies='orders.replies')
+        """
+        return replace(
+            self, jobs=JobTopics(status or f"{self.name}.jobs", replies or f"{self.name}.replies")
+        )
+
     def with_topics(self, topics: TopicPolicy) -> Pipeline:
         """Return a copy with another topic policy."""
         return replace(self, topics=topics)
@@ -287,6 +323,8 @@ class Pipeline:
                     state_topic=names.state or f"{base}.state",
                     group=names.group or base,
                     principal=names.principal or names.group or base,
+                    jobs=self.jobs,
+                    steps=len(self.stages),
                 )
             )
             upstream = output or ""

@@ -26,7 +26,8 @@ Tree::
     │   ├── JarsUnavailableError
     │   ├── PortInUseError
     │   └── BrokerStartError
-    └── StageError                  a stage function failed (retriable or fatal)
+    ├── StageError                  a stage function failed (retriable or fatal)
+    └── JobFailedError              a job's record was dead-lettered (pipeline.jobs)
 """
 
 from __future__ import annotations
@@ -188,3 +189,22 @@ class StageError(PipelineError):
     """
 
     retriable = True
+
+
+class JobFailedError(PipelineError):
+    """A job's record was dead-lettered by one of the pipeline's stages.
+
+    Attributes:
+        job: The job id.
+        stage: The stage that dead-lettered it.
+        error_class: Why (``ValueError``, ``DecodeError``, ``CrashLoop``, ...).
+    """
+
+    def __init__(self, job: str, stage: str, error_class: str, error: str) -> None:
+        super().__init__(
+            f"job {job} failed in stage '{stage}': {error_class}: {error}",
+            job=job, stage=stage,
+        )  # fmt: skip
+        self.job = job
+        self.stage = stage
+        self.error_class = error_class

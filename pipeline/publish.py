@@ -25,7 +25,7 @@ import contextlib
 import secrets
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -161,9 +161,11 @@ class Events:
         seq: int | None = None,
         event_id: bytes | str | None = None,
         traceparent: bytes | str | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
     ) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
         """Key, encoded value and ``seq`` / ``writer`` / ``event-id`` headers of one event
-        (and ``traceparent``: given, or the caller's OpenTelemetry span, if any).
+        (and ``traceparent``: given, or the caller's OpenTelemetry span, if any), then
+        ``headers``.
 
         Raises:
             EncodeError: The value breaks the schema or lacks the key field.
@@ -176,13 +178,14 @@ class Events:
             eid = uuid.uuid4().bytes
         else:
             eid = event_id.encode() if isinstance(event_id, str) else event_id
-        headers = [(SEQ_HEADER, encode_seq(seq)), (WRITER_HEADER, self.writer), (ID_HEADER, eid)]
+        stamped = [(SEQ_HEADER, encode_seq(seq)), (WRITER_HEADER, self.writer), (ID_HEADER, eid)]
         if traceparent is None and self._otel:
             traceparent = current_traceparent()
         if traceparent is not None:
             trace = traceparent.encode() if isinstance(traceparent, str) else traceparent
-            headers.append((TRACE_HEADER, trace))
-        return key, data, headers
+            stamped.append((TRACE_HEADER, trace))
+        stamped.extend(headers)
+        return key, data, stamped
 
 
 async def _refused(producer: AIOKafkaProducer, topic: str) -> None:
@@ -302,6 +305,7 @@ class Publisher:
         seq: int | None = None,
         event_id: bytes | str | None = None,
         traceparent: bytes | str | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
     ) -> Stamp:
         """Validate, stamp and buffer one event without sending it; :meth:`flush` sends.
 
@@ -312,14 +316,14 @@ class Publisher:
         Raises:
             EncodeError: The value breaks the schema; nothing was buffered.
         """
-        key, data, headers = self._events.record(
-            value, seq=seq, event_id=event_id, traceparent=traceparent
+        key, data, stamped = self._events.record(
+            value, seq=seq, event_id=event_id, traceparent=traceparent, headers=headers
         )
         writer = self._writer
         if writer is None:
             raise PipelineError("use the publisher inside 'async with Publisher(...)'")
-        writer.append(self.topic, partition_for(key, self._partitions), key, data, headers, None)
-        return Stamp(key, decode_seq(headers[0][1]), headers[2][1])
+        writer.append(self.topic, partition_for(key, self._partitions), key, data, stamped, None)
+        return Stamp(key, decode_seq(stamped[0][1]), stamped[2][1])
 
     async def publish(
         self,
@@ -328,6 +332,7 @@ class Publisher:
         seq: int | None = None,
         event_id: bytes | str | None = None,
         traceparent: bytes | str | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
     ) -> Stamp:
         """Publish one event; return once it is durable (acks=all), with its stamp.
 
@@ -340,6 +345,7 @@ class Publisher:
             event_id: Its unique id; a random one when omitted.
             traceparent: A W3C trace context for the event (by default the caller's
                 OpenTelemetry span, when there is one; see :mod:`pipeline.ops.tracing`).
+            headers: More headers, after the framework's (every stage passes them on).
 
         Raises:
             EncodeError: The value breaks the schema; nothing was sent.
@@ -350,7 +356,9 @@ class Publisher:
             >>> stamp = await pub.publish(order)                       # doctest: +SKIP
             >>> await pub.publish(order, seq=stamp.seq, event_id=stamp.event_id)  # doctest: +SKIP
         """
-        stamp = self.buffer(value, seq=seq, event_id=event_id, traceparent=traceparent)
+        stamp = self.buffer(
+            value, seq=seq, event_id=event_id, traceparent=traceparent, headers=headers
+        )
         await self._group_flush()
         return stamp
 

@@ -22,6 +22,8 @@ WRITER_HEADER = "writer"
 ID_HEADER = "event-id"
 PART_HEADER = "seq-part"
 TRACE_HEADER = "traceparent"  # W3C trace context (pipeline.ops.tracing)
+JOB_HEADER = "job-id"  # the job a record belongs to (pipeline.jobs)
+CALLBACK_HEADER = "job-callback"  # where the job's end is POSTed (pipeline.jobs)
 
 Headers = Sequence[tuple[str, bytes]]
 

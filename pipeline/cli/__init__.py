@@ -3,6 +3,7 @@
 - :mod:`.kafka`: ``pipeline kafka ...``, the local broker or cluster;
 - :mod:`.commands`: ``run``, ``graph``, ``topics``, ``publish``, ``tail``, ``deploy``;
 - :mod:`.dlq`: ``pipeline dlq ...``, dead letters and their replay;
+- :mod:`.jobs`: ``pipeline jobs ...``, jobs: submit, status, callbacks;
 - :mod:`.status`: ``pipeline status``, lag, rates, instances and their health;
 - :mod:`.up`: ``pipeline up``, every stage as a supervised process;
 - :mod:`.acl`: ``pipeline acl``, each stage's least-privilege ACLs.
@@ -24,7 +25,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from pipeline.cli import acl, commands, dlq, kafka, status, up
+from pipeline.cli import acl, commands, dlq, jobs, kafka, status, up
 from pipeline.cli.console import console
 from pipeline.errors import PipelineError
 
@@ -36,6 +37,7 @@ app = typer.Typer(
 app.add_typer(kafka.app, name="kafka")
 commands.register(app)
 dlq.register(app)
+jobs.register(app)
 status.register(app)
 up.register(app)
 acl.register(app)

@@ -21,7 +21,10 @@ from pipeline.dlq.records import (
 )
 from pipeline.dsl import Pipeline, StageNode
 from pipeline.errors import PipelineError, TopicError
+from pipeline.jobs import JobState, JobStatus, now_ms
+from pipeline.record import JOB_HEADER
 from pipeline.runtime.diagnose import start_client
+from pipeline.runtime.jobs import job_of
 from pipeline.runtime.kafka import BatchWriter, partition_for, translate
 from pipeline.runtime.topics import DLQ_RETENTION_MS, TopicSpec, ensure_topics
 from pipeline.security import Bootstrap, connection
@@ -163,12 +166,27 @@ async def replay(
             run.offer(record)
         return run.report
     receipts = []
-    async with _ReplayWriter(bootstrap, node.input_topic) as writer:
+    if pipeline.jobs is not None:
+        # Jobs: each replayed job is marked running again *before* its record goes back, so
+        # that no stage's report can come before the mark.
+        items = []
         async for record in read_dead_letters(bootstrap, node.dlq_topic, progress):
             item = run.offer(record)
             if item is not None:
-                await writer.write(item)
+                items.append(item)
                 receipts.append(record.receipt_of(run.report.replay_id))
+        jobs = pipeline.jobs
+        await _mark_replayed(bootstrap, (jobs.status, jobs.replies), node, items)
+        async with _ReplayWriter(bootstrap, node.input_topic) as writer:
+            for item in items:
+                await writer.write(item)
+    else:
+        async with _ReplayWriter(bootstrap, node.input_topic) as writer:
+            async for record in read_dead_letters(bootstrap, node.dlq_topic, progress):
+                item = run.offer(record)
+                if item is not None:
+                    await writer.write(item)
+                    receipts.append(record.receipt_of(run.report.replay_id))
     # Only once the replayed records are durable: a receipt never claims a replay that did
     # not happen (``pipeline dlq list`` counts replayed dead letters from them).
     if receipts:
@@ -178,6 +196,27 @@ async def replay(
             for receipt in receipts:
                 await marks.write(receipt)
     return run.report
+
+
+async def _mark_replayed(
+    bootstrap: Bootstrap, topics: tuple[str, str], node: StageNode, items: list[ReplayItem]
+) -> None:
+    """Write ``running`` (replayed) for the jobs among ``items`` to the status table, and to
+    the reply topic (a client that saw the job fail waits for its new end)."""
+    marks = []
+    for item in items:
+        job, callback = job_of(item.headers)
+        if job is not None:
+            status = JobStatus(
+                job.decode(), JobState.RUNNING, stage=node.name, step=node.index + 1,
+                steps=node.steps, callback=callback.decode() if callback else None,
+                replayed=True, time=now_ms(),
+            )  # fmt: skip
+            marks.append(ReplayItem(job, status.encode(), [(JOB_HEADER, job)], None))
+    for topic in topics if marks else ():
+        async with _ReplayWriter(bootstrap, topic) as writer:
+            for mark in marks:
+                await writer.write(mark)
 
 
 def receipts_topic(node: StageNode) -> str:

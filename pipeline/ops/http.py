@@ -1,4 +1,5 @@
-"""The worker's HTTP surface: ``/metrics`` (Prometheus), ``/health`` and ``/ready``.
+"""The worker's HTTP surface: ``/metrics`` (Prometheus), ``/health``, ``/ready`` and, for a
+pipeline that tracks jobs, ``/jobs/ID``.
 
 Served by aiohttp in the workers' own event loop, so an answer at all proves the loop runs:
 
@@ -8,7 +9,9 @@ Served by aiohttp in the workers' own event loop, so an answer at all proves the
   partition restored, not paused by the breaker, reaching a broker); 503 with each worker's
   state otherwise;
 - ``/metrics``: the metrics of :mod:`pipeline.ops.metrics` in the Prometheus text format, read
-  from the workers' counters at scrape time; partition lags are asked of the consumers then.
+  from the workers' counters at scrape time; partition lags are asked of the consumers then;
+- ``/jobs/ID``: the job's status from the pipeline's status table (:mod:`pipeline.jobs`), 404
+  for an unknown job.
 
 Example:
     >>> async with serve(workers, "127.0.0.1", 9400) as address:  # doctest: +SKIP
@@ -25,8 +28,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.ops.metrics import StageCollector
+from pipeline.security import Bootstrap
 
 if TYPE_CHECKING:
     from pipeline.runtime.worker import StageWorker
@@ -55,8 +59,11 @@ def _states(workers: Sequence[StageWorker]) -> dict[str, dict[str, object]]:
     }  # fmt: skip
 
 
-def app(workers: Sequence[StageWorker]) -> web.Application:
-    """The aiohttp application serving ``workers``."""
+def app(
+    workers: Sequence[StageWorker], jobs: tuple[Bootstrap, str] | None = None
+) -> web.Application:
+    """The aiohttp application serving ``workers`` (and the job status table ``jobs``: where
+    to connect, which topic)."""
     collector = StageCollector(workers)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
@@ -81,18 +88,39 @@ def app(workers: Sequence[StageWorker]) -> web.Application:
         body = {"ready": ok, "stages": _states(workers)}
         return web.json_response(body, status=200 if ok else 503)
 
+    async def job(request: web.Request) -> web.Response:
+        from pipeline.jobs import read_status
+
+        assert jobs is not None
+        ident = request.match_info["job"]
+        try:
+            found = await read_status(jobs[0], jobs[1], ident)
+        except PipelineError as exc:
+            return web.json_response({"error": str(exc)}, status=503)
+        if found is None:
+            return web.json_response({"error": f"no job {ident}"}, status=404)
+        return web.json_response(found.as_dict())
+
     application = web.Application()
     application.router.add_get("/metrics", metrics)
     application.router.add_get("/health", health)
     application.router.add_get("/ready", ready)
+    if jobs is not None:
+        application.router.add_get("/jobs/{job}", job)
     return application
 
 
 @contextlib.asynccontextmanager
-async def serve(workers: Sequence[StageWorker], host: str, port: int) -> AsyncIterator[str]:
+async def serve(
+    workers: Sequence[StageWorker],
+    host: str,
+    port: int,
+    *,
+    jobs: tuple[Bootstrap, str] | None = None,
+) -> AsyncIterator[str]:
     """Serve ``workers``' HTTP surface on ``host:port`` (0: a free port) while in the block;
     yields the base URL."""
-    runner = web.AppRunner(app(workers), access_log=None)
+    runner = web.AppRunner(app(workers, jobs), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -25,6 +25,7 @@ from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, WRITER_HEADER, R
 from pipeline.runtime.deadletter import REPLAYED, ClassLog, dead_letter_headers, error_class
 from pipeline.runtime.gate import Gate
 from pipeline.runtime.holds import Held, Holds, Tripped
+from pipeline.runtime.jobs import JobReports
 from pipeline.runtime.output import Output
 from pipeline.runtime.state import PartitionTable, now_ms
 from pipeline.runtime.stats import StageStats
@@ -86,7 +87,11 @@ class RecordHandler:
                     "configure one (a TracerProvider and an exporter) before the stages start",
                     node.name,
                 )
-        self._plain = not (self._gate.active or stage.wants_record or stage.is_async or tracing)
+        # Jobs (pipeline.jobs): each record of a job is reported as it passes or dies here.
+        self.jobs = JobReports(node, transport) if node.jobs is not None else None
+        self._plain = not (
+            self._gate.active or stage.wants_record or stage.is_async or tracing or self.jobs
+        )
         self._fn = stage.fn
         self.output = Output(transport, node.output_topic, self._encode, stats)
         self.holds = Holds(stage.breaker, clock)
@@ -110,7 +115,7 @@ class RecordHandler:
         decode, invoke, stats, holds, now = (
             self._decode, self._invoke, self.stats, self.holds, self._now,
         )  # fmt: skip
-        check, remember = self._gate.check, self._gate.remember
+        check, remember, jobs = self._gate.check, self._gate.remember, self.jobs
         # Holds change only when a call fails or a release runs (a sync stage has no lanes):
         # read their state once, and again after those.
         active = holds.active
@@ -146,6 +151,8 @@ class RecordHandler:
             except CodecError as exc:  # an output that breaks the output schema
                 self._dead(msg, exc, 1, table, mark, writer)
                 continue
+            if jobs is not None:
+                jobs.passed(msg, result)
             remember(msg, table, mark, writer, now)
 
     async def _plain_batch(self, msgs: list[Any], table: PartitionTable) -> None:
@@ -240,6 +247,8 @@ class RecordHandler:
         except CodecError as exc:
             self._dead(msg, exc, 1, table, mark, writer)
             return True
+        if self.jobs is not None:
+            self.jobs.passed(msg, result)
         self._gate.remember(msg, table, mark, writer, now)
         return True
 
@@ -422,6 +431,8 @@ class RecordHandler:
         t.append(self._dlq, part, msg.key, msg.value, headers, msg.timestamp, msg.partition)
         stats.dead_letters += 1
         stats.dead_by_error[error_class(exc)] += 1
+        if self.jobs is not None:
+            self.jobs.failed(msg, exc)
         if stats.dead_letters <= 20 or stats.dead_letters % 1000 == 0:
             log.warning(
                 "stage %s: dead-lettered %s/%d@%d after %d attempt(s): %s: %s (%d so far)",

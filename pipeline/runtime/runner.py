@@ -90,7 +90,8 @@ async def run_stages(
 
             # Listening first: the workers tell their group where (``pipeline status`` asks
             # each member's /health there); the surface serves the list once it is filled.
-            url = await surface.enter_async_context(serve(workers, *options.http))
+            jobs = None if pipeline.jobs is None else (bootstrap, pipeline.jobs.status)
+            url = await surface.enter_async_context(serve(workers, *options.http, jobs=jobs))
         workers.extend(_worker(pipeline, node, bootstrap, options, url) for node in nodes)
         return await _run_workers(workers, options, stop, on_stats)
 

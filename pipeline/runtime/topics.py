@@ -27,6 +27,7 @@ from pipeline.security import Bootstrap, connection
 _TOPIC_ALREADY_EXISTS = 36
 _NOT_AUTHORIZED = 29  # TOPIC_AUTHORIZATION_FAILED
 DLQ_RETENTION_MS = str(30 * 24 * 3600 * 1000)  # dead letters wait a month for their replay
+REPLY_RETENTION_MS = str(24 * 3600 * 1000)  # a job's end waits a day for its caller
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,11 @@ def topic_specs(pipeline: Pipeline) -> list[TopicSpec]:
         specs.append(TopicSpec(node.dlq_topic, role, n, r, dlq, isr))
         state = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
         specs.append(TopicSpec(node.state_topic, f"state of '{node.name}'", n, r, state, isr))
+    if pipeline.jobs is not None:
+        table = {"cleanup.policy": "compact"}
+        specs.append(TopicSpec(pipeline.jobs.status, "job status table", n, r, table, isr))
+        replies = {"retention.ms": REPLY_RETENTION_MS}
+        specs.append(TopicSpec(pipeline.jobs.replies, "job replies", n, r, replies, isr))
     return specs
 
 
@@ -74,6 +80,8 @@ def stage_topic_specs(pipeline: Pipeline, nodes: list[StageNode]) -> list[TopicS
         names |= {node.input_topic, node.dlq_topic, node.state_topic}
         if node.output_topic:
             names.add(node.output_topic)
+        if node.jobs is not None:  # every stage reports jobs
+            names |= {node.jobs.status, node.jobs.replies}
     return [s for s in topic_specs(pipeline) if s.name in names]
 
 

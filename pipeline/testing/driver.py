@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.dsl import Pipeline, StageNode
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DefinitionError
+from pipeline.jobs import JobStatus
 from pipeline.publish import Events, SequenceClock, writer_identity
+from pipeline.record import JOB_HEADER
 from pipeline.runtime import deadletter
 from pipeline.runtime.offsets import OffsetReset
 from pipeline.runtime.state import USER_PREFIX
@@ -109,6 +111,8 @@ class TestDriver:
             topics |= {node.input_topic, node.dlq_topic, node.state_topic}
             if node.output_topic:
                 topics.add(node.output_topic)
+        if pipeline.jobs is not None:
+            topics |= {pipeline.jobs.status, pipeline.jobs.replies}
         for topic in sorted(topics):
             self.broker.create_topic(topic, parts)
 
@@ -122,6 +126,7 @@ class TestDriver:
         event_id: bytes | str | None = None,
         writer: str | bytes | None = None,
         stage: str | None = None,
+        job: str | None = None,
     ) -> MemoryRecord:
         """Publish a value as the :class:`~pipeline.publish.Publisher` would (validated,
         keyed by the sequence key, with a sequence number, a writer identity and an event id).
@@ -130,6 +135,8 @@ class TestDriver:
             writer: Publish as this writer (a second publisher of the same keys, say); by
                 default every send comes from one writer, the driver's own.
             stage: Send to this stage's input instead of the pipeline's source.
+            job: Send it as this job (the pipeline tracks jobs; see :meth:`job`); the job id
+                is its event id too, as :class:`~pipeline.jobs.JobClient` sends it.
 
         Raises:
             EncodeError: The value breaks the input schema or lacks the key field.
@@ -139,7 +146,8 @@ class TestDriver:
         who = self._writer if writer is None else writer_identity(writer)
         clock = self._clocks.setdefault(who, SequenceClock())
         events = Events(codec, self.pipeline.key, clock, writer=who)
-        key, data, headers = events.record(value, seq=seq, event_id=event_id)
+        extra = [] if job is None else [(JOB_HEADER, job.encode())]
+        key, data, headers = events.record(value, seq=seq, event_id=event_id or job, headers=extra)
         return self.broker.produce(node.input_topic, key, data, headers)
 
     def send_raw(
@@ -243,6 +251,18 @@ class TestDriver:
             if r.key == wanted:
                 value = None if r.value is None else json.loads(r.value)
         return value
+
+    def job(self, job: str) -> JobStatus | None:
+        """The job's latest status in the pipeline's status table (``None``: no report yet).
+
+        Raises:
+            DefinitionError: The pipeline does not track jobs (``.with_jobs()``).
+        """
+        jobs = self.pipeline.jobs
+        if jobs is None:
+            raise DefinitionError(f"pipeline '{self.pipeline.name}' does not track jobs")
+        found = [r for r in self.broker.records(jobs.status) if r.key == job.encode()]
+        return JobStatus.decode(found[-1].value) if found and found[-1].value else None
 
     def _node(self, name: str) -> StageNode:
         for node in self.nodes:

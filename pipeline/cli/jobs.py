@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -102,8 +104,12 @@ def status(
         return
     table = Table(title=f"job {job}", show_header=False)
     for k, v in doc.items():
-        if v not in (None, False) and k != "job":
-            table.add_row(k, json.dumps(v) if isinstance(v, dict | list) else str(v))
+        if v in (None, False) or k == "job":
+            continue
+        shown = json.dumps(v) if isinstance(v, dict | list) else str(v)
+        if k == "time":
+            shown = datetime.fromtimestamp(v / 1000, UTC).isoformat(timespec="milliseconds")
+        table.add_row(k, shown)
     out.print(table)
 
 
@@ -116,6 +122,10 @@ def callbacks(
     beside the stages (``pipeline up`` does)."""
     from pipeline.ops.callbacks import CallbackPolicy, run_callbacks
 
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
     pipeline = _jobs_pipeline(ref)
     asyncio.run(
         run_callbacks(bootstrap_address(bootstrap), pipeline, CallbackPolicy(attempts=attempts))

@@ -50,8 +50,8 @@ def up(
     ] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to drain on stop.")] = 30.0,
 ) -> None:
-    """Run every stage (and a replica of every schedule) as its own OS process, restarted
-    when it dies, drained on Ctrl-C."""
+    """Run every stage (and a replica of every schedule, and the job callbacks of a pipeline
+    that tracks jobs) as its own OS process, restarted when it dies, drained on Ctrl-C."""
     pipeline = load_pipeline(ref)
     stages = [s.name for s in pipeline.stages]
     schedules = [s.name for s in pipeline.schedules]
@@ -59,11 +59,12 @@ def up(
     sup = Supervisor(
         ref, stages, bootstrap_address(bootstrap), logs=where,
         scale=_scale(scale or [], stages + schedules), shutdown_timeout=shutdown_timeout,
-        schedules=schedules,
+        schedules=schedules, callbacks=pipeline.jobs is not None,
     )  # fmt: skip
     out.print(f"pipeline {pipeline.name}: {len(sup.instances)} processes, logs in {where}")
     for inst in sup.instances:
-        what = f"schedule replica, log {inst.log}" if inst.schedule else f"{inst.url}/metrics"
+        kind = {"schedule": "schedule replica", "callbacks": "job callbacks"}.get(inst.helper)
+        what = f"{kind}, log {inst.log}" if kind else f"{inst.url}/metrics"
         out.print(f"  {inst.name}: {what}", highlight=False)
     asyncio.run(_supervise(sup))
 
@@ -97,9 +98,9 @@ async def _line(instances: list[Instance]) -> str:
             ready[inst.name] = False
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
-        await asyncio.gather(*(ask(session, i) for i in instances if i.running and not i.schedule))
+        await asyncio.gather(*(ask(session, i) for i in instances if i.running and not i.helper))
     for inst in instances:
-        if inst.schedule:  # no HTTP surface: a running replica is ready to lead
+        if inst.helper:  # no HTTP surface: a running schedule replica is ready to lead
             ready[inst.name] = inst.running
     parts, restarts = [], sum(i.restarts for i in instances)
     for stage in dict.fromkeys(i.stage for i in instances):

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer
@@ -109,6 +110,23 @@ async def deliver(
     return False
 
 
+async def _until_done_or(stop: asyncio.Event, work: asyncio.Future[Any]) -> bool:
+    """Wait for ``work``; cancel it when ``stop`` is set first (False then)."""
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        waits: set[asyncio.Future[Any]] = {work, stopping}
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if work in done:
+        work.result()
+        return True
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return False
+
+
 async def run_callbacks(
     bootstrap: Bootstrap,
     pipeline: Pipeline,
@@ -154,8 +172,10 @@ async def run_callbacks(
                             continue
                         if status.callback and status.done:
                             ends.append(status)
-                if ends:
-                    await asyncio.gather(*(one(session, s) for s in ends))
+                if ends and not await _until_done_or(
+                    stop, asyncio.gather(*(one(session, s) for s in ends))
+                ):
+                    break  # stopped mid-delivery: not committed, a restart POSTs them again
                 if batches:
                     await consumer.commit()
     except kerr.KafkaError as exc:

@@ -51,7 +51,7 @@ class Instance:
     next_start: float = 0.0
     last_exit: int | None = None
     history: list[int] = field(default_factory=list)  # exit codes, oldest first
-    schedule: bool = False  # a replica of a schedule (``--schedule``), not a stage
+    helper: str = ""  # not a stage: "schedule" (a replica, --schedule), "callbacks" (jobs)
 
     @property
     def name(self) -> str:
@@ -83,6 +83,7 @@ class Supervisor:
             own principal: ``PIPELINE_SASL_USERNAME`` and ``PIPELINE_SASL_PASSWORD_FILE``).
         schedules: The pipeline's schedules to run replicas of (``scale`` counts them too; of
             all replicas of a schedule, one emits).
+        callbacks: Run the pipeline's job callbacks (``pipeline jobs callbacks``) too.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         stage_env: Mapping[str, Mapping[str, str]] | None = None,
         schedules: Sequence[str] = (),
+        callbacks: bool = False,
     ) -> None:
         self.ref = ref
         self.bootstrap = str(bootstrap)  # children resolve their security as the CLI does
@@ -118,15 +120,25 @@ class Supervisor:
             for i in range(scale.get(stage, 1))
         ]  # fmt: skip
         self.instances += [
-            Instance(name, i, free_port(), logs / f"schedule-{name}-{i}.log", schedule=True)
+            Instance(name, i, free_port(), logs / f"schedule-{name}-{i}.log", helper="schedule")
             for name in schedules
             for i in range(scale.get(name, 1))
         ]
+        if callbacks:
+            self.instances.append(
+                Instance("callbacks", 0, 0, logs / "callbacks-0.log", helper="callbacks")
+            )
 
     def _start(self, inst: Instance) -> None:
-        if inst.schedule:
+        if inst.helper == "schedule":
             self._spawn(inst, [
                 sys.executable, "-m", "pipeline.cli", "run", self.ref, "--schedule", inst.stage,
+                "--bootstrap", self.bootstrap,
+            ])  # fmt: skip
+            return
+        if inst.helper == "callbacks":
+            self._spawn(inst, [
+                sys.executable, "-m", "pipeline.cli", "jobs", "callbacks", self.ref,
                 "--bootstrap", self.bootstrap,
             ])  # fmt: skip
             return

@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from pipeline import JobClient, JobFailedError, JobState
+from pipeline.broker.ports import free_port
 from pipeline.jobs import read_status
 from pipeline.runtime.topics import ensure_topics, topic_specs
 from pipeline.testing import Names
@@ -111,3 +115,79 @@ async def test_200_callers_get_their_own_results_and_a_failed_job_completes_afte
     finally:
         for proc in procs.values():
             proc.terminate()
+
+
+async def test_callbacks_are_posted_retried_once_per_end_and_a_worker_serves_jobs(
+    kafka_bootstrap: str, names: Names, tmp_path: Path
+) -> None:
+    name = names.pipeline()
+    env = {"JOBS_PIPELINE": name}
+    p = jobsapp.build(name)
+    await ensure_topics(kafka_bootstrap, topic_specs(p))
+    # The caller's service: refuses each end's first POST (503), takes the next ones.
+    posts: list[tuple[str, dict[str, object]]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        key = request.headers["Idempotency-Key"]
+        posts.append((key, await request.json()))
+        return web.Response(status=503 if sum(k == key for k, _ in posts) == 1 else 200)
+
+    app = web.Application()
+    app.router.add_post("/done", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/done"
+    port = free_port()
+    procs = [
+        StageProcess(REF, s, kafka_bootstrap, env, tmp_path / f"{s}.log",
+                     ("--http", f"127.0.0.1:{port}") if s == "finish" else ())
+        for s in STAGES
+    ]  # fmt: skip
+    log = tmp_path / "callbacks.log"
+    with log.open("wb") as out:
+        dispatcher = subprocess.Popen(  # noqa: ASYNC220 (a child that outlives this call)
+            [sys.executable, "-m", "pipeline.cli", "jobs", "callbacks", REF,
+             "--bootstrap", kafka_bootstrap],
+            cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        async with JobClient(kafka_bootstrap, p) as client:
+            good = [await client.submit(event(n), callback=url) for n in range(20)]
+            bad = await client.submit(event(99, "fail"), callback=url)
+            quiet = await client.submit(event(7))  # no callback
+            for job in good:
+                await client.result(job, timeout=60)
+            with pytest.raises(JobFailedError):
+                await client.result(bad, timeout=60)
+            await client.result(quiet, timeout=60)
+            async with asyncio.timeout(60):
+                while len({k for k, _ in posts}) < 21 or len(posts) < 42:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/jobs/{bad}") as r:
+                    assert r.status == 200
+                    served = await r.json()
+                async with session.get(f"http://127.0.0.1:{port}/jobs/nope") as r:
+                    assert r.status == 404
+            status = await read_status(kafka_bootstrap, p.jobs.status, bad)  # type: ignore[union-attr]
+            assert status is not None and served == status.as_dict()
+    finally:
+        dispatcher.send_signal(signal.SIGTERM)
+        code = dispatcher.wait(30)
+        for proc in procs:
+            proc.terminate()
+        await runner.cleanup()
+    assert code == 0, log.read_text()
+    by_job: dict[str, list[tuple[str, dict[str, object]]]] = {}
+    for key, body in posts:
+        by_job.setdefault(str(body["job"]), []).append((key, body))
+    assert set(by_job) == {*good, bad}  # the job without a callback posts nothing
+    for job, seen in by_job.items():
+        assert len(seen) == 2  # refused once, taken once: retried, and no more
+        assert seen[0] == seen[1]  # the same key and body on every attempt
+        assert seen[0][0].startswith(f"{job}:")
+    assert by_job[bad][0][1]["state"] == "failed" and by_job[bad][0][1]["stage"] == "check"
+    assert all(by_job[j][0][1]["state"] == "completed" for j in good)
+    assert "21 delivered, 0 given up (42 POSTs)" in log.read_text()

@@ -256,7 +256,12 @@ class JobClient:
         return set(parts)
 
     async def submit(
-        self, value: Any, *, job_id: str | None = None, callback: str | None = None
+        self,
+        value: Any,
+        *,
+        job_id: str | None = None,
+        callback: str | None = None,
+        seq: int | None = None,
     ) -> str:
         """Publish ``value`` as a new job; return its id once the event is durable.
 
@@ -268,6 +273,7 @@ class JobClient:
             value: The event (the pipeline's input schema).
             job_id: The job's id (a random one by default).
             callback: A URL the job's end is POSTed to (by ``pipeline jobs callbacks``).
+            seq: The event's sequence number (the publisher's clock by default).
 
         Raises:
             EncodeError: ``value`` breaks the input schema; nothing was written.
@@ -289,7 +295,7 @@ class JobClient:
         headers = [(JOB_HEADER, key)]
         if callback:
             headers.append((CALLBACK_HEADER, callback.encode()))
-        await self._publisher.publish(value, event_id=key, headers=headers)
+        await self._publisher.publish(value, seq=seq, event_id=key, headers=headers)
         return job
 
     async def status(self, job: str) -> JobStatus | None:

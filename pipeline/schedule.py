@@ -61,7 +61,12 @@ class Schedule:
         make: The event of a tick (a dict of the source schema), from its scheduled time (UTC).
         every: Seconds between ticks (ticks on multiples of it since the epoch).
         cron: A cron line (UTC), e.g. ``"0 2 * * *"``; exactly one of ``every`` and ``cron``.
-        catch_up: Missed ticks after downtime: ``"all"``, ``"latest"`` or ``"none"``.
+        catch_up: Missed ticks after downtime: ``"all"``, ``"latest"`` or ``"none"``; the
+            same for ticks that came due while a tick was held (``overlap``).
+        overlap: Whether a tick may start while the previous tick's run is still in flight.
+            By default it may not: the tick is held until the previous run completed or
+            failed, which the pipeline's job status tells (it must track jobs:
+            :meth:`~pipeline.dsl.Pipeline.with_jobs`; each tick is then a job).
 
     Raises:
         DefinitionError: A bad name, both or neither of ``every`` and ``cron``, an invalid cron
@@ -73,6 +78,7 @@ class Schedule:
     every: float | None = None
     cron: str | None = None
     catch_up: CatchUp = CatchUp.LATEST
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

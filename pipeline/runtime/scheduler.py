@@ -13,6 +13,11 @@ replaced within the group's session timeout). The leader
    ``<name>@<time>`` as its event id;
 3. then records the tick in the schedule topic.
 
+When the pipeline tracks jobs (:meth:`~pipeline.dsl.Pipeline.with_jobs`), each tick is a job
+(its id is the tick's event id) submitted through a :class:`~pipeline.jobs.JobClient`; unless the
+schedule allows ``overlap``, a tick whose predecessor's job has not ended yet is *held*: the
+leader looks again every second, and the ticks that came due meanwhile follow ``catch_up``.
+
 A leader that dies between 2 and 3 leaves a tick its successor emits again with the same
 writer and sequence: the first stage's dedup table (the default policy) drops it. A leader that
 loses its partition stops emitting before the group hands it over (the revocation callback
@@ -32,6 +37,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka import errors as kerr
 
 from pipeline.dsl import Pipeline
+from pipeline.errors import DefinitionError
+from pipeline.jobs import JobClient
 from pipeline.publish import Publisher
 from pipeline.runtime.diagnose import start_client
 from pipeline.runtime.kafka import translate
@@ -106,7 +113,19 @@ class ScheduleRunner:
         self._leadership = _Leadership(self._changed)
 
     async def run(self, stop: asyncio.Event) -> ScheduleStats:
-        """Take part in the election; emit the ticks while leading; return when ``stop``."""
+        """Take part in the election; emit the ticks while leading; return when ``stop``.
+
+        Raises:
+            DefinitionError: The schedule holds overlapping ticks, but the pipeline does not
+                track jobs (nothing would tell when a tick's run ended).
+        """
+        if not self.schedule.overlap and self.pipeline.jobs is None:
+            raise DefinitionError(
+                f"schedule '{self.schedule.name}' holds a tick while the previous tick's run is "
+                f"in flight (overlap=False), which needs the job status of the pipeline: build "
+                f"'{self.pipeline.name}' with .with_jobs(), or let ticks overlap with "
+                f"Schedule(..., overlap=True)"
+            )
         spec = TopicSpec(
             self.topic, f"schedule '{self.schedule.name}'", 1, None,
             {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
@@ -124,12 +143,19 @@ class ScheduleRunner:
         try:
             await start_client(marks, self.connection, f"starting schedule {self.topic}")
             member.subscribe([self.topic], listener=self._leadership)
-            codec = self.pipeline.schemas.codec(self.pipeline.stages[0].input)
-            async with Publisher(
-                self.connection, self.pipeline.source, codec, self.pipeline.key,
-                writer=f"schedule:{self.schedule.name}", linger_ms=0,
-            ) as publisher:  # fmt: skip
-                await self._loop(stop, member, marks, publisher)
+            writer = f"schedule:{self.schedule.name}"
+            async with contextlib.AsyncExitStack() as clients:
+                if self.pipeline.jobs is not None:
+                    jobs = JobClient(self.connection, self.pipeline, writer=writer)
+                    emit = _Emitter(self.schedule, jobs=await clients.enter_async_context(jobs))
+                else:
+                    codec = self.pipeline.schemas.codec(self.pipeline.stages[0].input)
+                    publisher = Publisher(
+                        self.connection, self.pipeline.source, codec, self.pipeline.key,
+                        writer=writer, linger_ms=0,
+                    )  # fmt: skip
+                    emit = _Emitter(self.schedule, await clients.enter_async_context(publisher))
+                await self._loop(stop, member, marks, emit)
         except kerr.KafkaError as exc:
             raise translate(exc, f"running schedule {self.schedule.name}") from exc
         finally:
@@ -144,7 +170,7 @@ class ScheduleRunner:
         stop: asyncio.Event,
         member: AIOKafkaConsumer,
         marks: AIOKafkaProducer,
-        publisher: Publisher,
+        emit: _Emitter,
     ) -> None:
         last: dt.datetime | None = None
         was_leading = False
@@ -167,17 +193,16 @@ class ScheduleRunner:
             for tick in self.schedule.due(after=last, now=_now()):
                 if not self._leadership.leading or stop.is_set():
                     break
-                await publisher.publish(
-                    self.schedule.make(tick), seq=self.schedule.sequence(tick),
-                    event_id=self.schedule.event_id(tick),
-                )  # fmt: skip
+                if await emit.held(last, tick):
+                    break  # looked at again in a moment; ticks due meanwhile: catch_up
+                await emit(tick)
                 mark = tick.isoformat().encode()
                 await (await marks.send(self.topic, mark, key=self.schedule.name.encode()))
                 last = tick
                 self.stats.emitted += 1
                 self.stats.last_tick = tick.isoformat()
             wait = (self.schedule.after(last) - _now()).total_seconds()
-            await self._pause(stop, min(max(wait, 0.0), 0.5))
+            await self._pause(stop, 1.0 if emit.holding else min(max(wait, 0.0), 0.5))
 
     async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
         self._changed.clear()
@@ -207,6 +232,49 @@ class ScheduleRunner:
         finally:
             await reader.stop()
         return found
+
+
+class _Emitter:
+    """Publishes a schedule's ticks: as jobs (and held while the previous one runs) when the
+    pipeline tracks jobs, else as plain events."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        publisher: Publisher | None = None,
+        *,
+        jobs: JobClient | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.publisher = publisher
+        self.jobs = jobs
+        self.holding: dt.datetime | None = None  # the tick held now
+
+    async def __call__(self, tick: dt.datetime) -> None:
+        s = self.schedule
+        value, seq, ident = s.make(tick), s.sequence(tick), s.event_id(tick)
+        if self.jobs is not None:
+            await self.jobs.submit(value, job_id=ident, seq=seq)
+        else:
+            assert self.publisher is not None
+            await self.publisher.publish(value, seq=seq, event_id=ident)
+
+    async def held(self, last: dt.datetime, tick: dt.datetime) -> bool:
+        """Whether ``tick`` waits for the run of the tick before it (``last``) to end."""
+        if self.schedule.overlap or self.jobs is None:
+            return False
+        previous = self.schedule.event_id(last)
+        status = await self.jobs.status(previous)
+        if status is None or status.done:  # never ran (a first tick), or ended
+            self.holding = None
+            return False
+        if self.holding != tick:
+            log.info(
+                "schedule %s: tick %s held: the run of %s is still %s",
+                self.schedule.name, tick.isoformat(), previous, status.state.value,
+            )  # fmt: skip
+        self.holding = tick
+        return True
 
 
 async def run_schedules(

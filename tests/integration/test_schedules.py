@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import os
 import re
 import signal
@@ -179,3 +180,53 @@ def test_pipeline_up_runs_schedule_replicas_beside_the_stages(
     downstream = ticks_in(asyncio.run(read_all(kafka_bootstrap, p.sink_topic or "")))
     assert len(downstream) >= 5 and len(downstream) == len(set(downstream)), downstream
     assert sorted(downstream) == list(range(min(downstream), max(downstream) + 1))
+
+
+async def test_a_tick_is_held_while_the_previous_run_is_in_flight(
+    kafka_bootstrap: str, names: Names, tmp_path: Path
+) -> None:
+    from pipeline import JobState, JobStatus
+    from pipeline.record import ID_HEADER
+    from tests.integration.apps import slowticks
+    from tests.integration.helpers import TopicReader
+
+    ref = "tests.integration.apps.slowticks:build"
+    name = names.pipeline()
+    env = {"SLOW_PIPELINE": name}
+    p = slowticks.build(name)
+    assert p.jobs is not None
+    await ensure_topics(kafka_bootstrap, topic_specs(p))
+    worker = StageProcess(ref, "work", kafka_bootstrap, env, tmp_path / "work.log")
+    log = tmp_path / "schedule.log"
+    with log.open("wb") as out:
+        replica = subprocess.Popen(  # noqa: ASYNC220 (a child that outlives this call)
+            [sys.executable, "-m", "pipeline.cli", "run", ref, "--schedule", "tick",
+             "--bootstrap", kafka_bootstrap],
+            cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    began = time.monotonic()
+    try:
+        await asyncio.sleep(16)
+    finally:
+        replica.send_signal(signal.SIGTERM)
+        assert replica.wait(30) == 0, log.read_text()
+        ran = time.monotonic() - began
+        await asyncio.sleep(3)  # the last tick's run ends
+        worker.terminate()
+    async with (
+        TopicReader(kafka_bootstrap, p.source) as source,
+        TopicReader(kafka_bootstrap, p.jobs.replies) as replies,
+    ):
+        await source.settle(2.0)
+        await replies.settle(2.0)
+    published = sorted((r.timestamp, dict(r.headers)[ID_HEADER].decode()) for r in source.records)
+    ends = {s.job: s for s in (JobStatus.decode(r.value) for r in replies.records)}
+    print(f"\n[schedule] {len(published)} ticks in {ran:.0f}s with runs of 2.2s")
+    assert len(published) >= 4, log.read_text()
+    assert len(published) <= ran / slowticks.RUN_SECONDS + 1  # held, not one per second
+    assert len({job for _, job in published}) == len(published)  # none doubled
+    for (_, before), (at, after) in itertools.pairwise(published):
+        assert ends[before].state is JobState.COMPLETED
+        assert at >= ends[before].time, f"{after} started before {before} ended"
+    assert "held: the run of tick@" in log.read_text()

@@ -74,3 +74,14 @@ def test_a_pipeline_names_its_schedules() -> None:
     with pytest.raises(DefinitionError, match="already has a schedule named 'tick'"):
         p.with_schedule(p.schedules[0])
     assert ticks.tick_event(at(3))["n"] == int(at(3).timestamp())
+
+
+async def test_holding_ticks_needs_the_pipelines_job_status() -> None:
+    import asyncio
+
+    from pipeline.runtime.scheduler import ScheduleRunner
+
+    base = ticks.build("t")
+    held = Schedule("held", every=1, make=ticks.tick_event)  # overlap=False: the default
+    with pytest.raises(DefinitionError, match=r"\.with_jobs\(\), or let ticks overlap"):
+        await ScheduleRunner(base.with_schedule(held), held, "127.0.0.1:9").run(asyncio.Event())

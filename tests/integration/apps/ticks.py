@@ -29,7 +29,10 @@ def seen(event: dict[str, Any]) -> dict[str, Any]:
 def build(name: str | None = None, catch_up: str | None = None) -> Pipeline:
     name = name or os.environ.get("TICKS_PIPELINE", "ticks")
     catch_up = catch_up or os.environ.get("TICKS_CATCH_UP", "all")
-    every_second = Schedule("tick", every=1, make=tick_event, catch_up=catch_up)  # type: ignore[arg-type]
+    every_second = Schedule(
+        "tick", every=1, make=tick_event, catch_up=catch_up,  # type: ignore[arg-type]
+        overlap=True,  # ticks of a second each: nothing to hold
+    )  # fmt: skip
     return (
         Pipeline(name, source=f"{name}.in", key="key", schemas=SCHEMAS, topics=TopicPolicy(1))
         | seen

@@ -115,6 +115,8 @@ class StageNode:
     principal: str = ""  # the SASL user it runs as (default: the group's name)
     jobs: JobTopics | None = None  # the pipeline tracks jobs: where this stage reports
     steps: int = 1  # stages in the pipeline (the last one completes a job)
+    compensate_topic: str | None = None  # its compensation requests (it has compensate=)
+    undo_topic: str | None = None  # where its dead letters ask an earlier stage to compensate
 
     @property
     def name(self) -> str:
@@ -309,8 +311,10 @@ class Pipeline:
         """The compiled topology: one node per stage, with its topics and group."""
         nodes: list[StageNode] = []
         upstream = self.source
+        undo = None  # the compensation topic of the nearest earlier stage with compensate=
         for i, (stage, names) in enumerate(zip(self.stages, self.names, strict=True)):
             base = f"{self.name}.{stage.name}"
+            mine = f"{base}.compensate" if stage.compensate is not None else None
             output = None if stage.output is None else (names.output or base)
             nodes.append(
                 StageNode(
@@ -325,9 +329,12 @@ class Pipeline:
                     principal=names.principal or names.group or base,
                     jobs=self.jobs,
                     steps=len(self.stages),
+                    compensate_topic=mine,
+                    undo_topic=undo,
                 )
             )
             upstream = output or ""
+            undo = mine or undo
         return nodes
 
     def node(self, stage_name: str) -> StageNode:

@@ -291,6 +291,7 @@ class Stage:
     on_dead_letter: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     crash: CrashPolicy = field(default_factory=CrashPolicy)
+    compensate: StageFn | None = None  # undoes the stage's work for a record dead-lettered later
     setup: Setup | None = None
     is_async: bool = False
     wants_record: bool = False
@@ -304,6 +305,8 @@ class Stage:
             )
         if self.concurrency < 1:
             raise DefinitionError(f"stage '{self.name}': concurrency must be at least 1")
+        if self.compensate is not None and not callable(self.compensate):
+            raise DefinitionError(f"stage '{self.name}': compensate must be a function")
         if self.setup is not None and not callable(self.setup):
             raise DefinitionError(
                 f"stage '{self.name}': setup must be a function that returns an async context "
@@ -353,6 +356,7 @@ def stage(
     on_dead_letter: DeadLetterPolicy | None = None,
     breaker: BreakerPolicy | None = None,
     crash: CrashPolicy | None = None,
+    compensate: StageFn | None = None,
     setup: Setup | None = None,
     reads: tuple[str, ...] = (),
 ) -> Callable[[StageFn], Stage]:
@@ -372,6 +376,11 @@ def stage(
             dead-lettering (see :class:`BreakerPolicy`).
         crash: When a record that kills its worker process again and again is dead-lettered
             (see :class:`CrashPolicy`).
+        compensate: Undoes what the stage did for a record that a *later* stage of the
+            pipeline dead-letters: called (sync or async) with that record's value as the
+            failing stage read it, and its :class:`~pipeline.record.Record` (the ``dlq.*``
+            headers say where and why), once per dead-lettered record, the later stages'
+            compensations first (see :mod:`pipeline.runtime.compensation`).
         setup: Opens what the stage needs once per worker, e.g. a client: a function returning
             an async context manager. The worker enters it before it joins the group (retrying
             with backoff while it fails, consuming nothing), exits it when it stops, and hands
@@ -404,16 +413,18 @@ def stage(
             on_dead_letter=on_dead_letter or DeadLetterPolicy(),
             breaker=breaker or BreakerPolicy(),
             crash=crash or CrashPolicy(),
+            compensate=compensate,
             setup=setup,
             is_async=inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn),
-            wants_record=_positional_arity(fn) >= 2,
+            wants_record=positional_arity(fn) >= 2,
             reads=tuple(reads),
         )
 
     return wrap
 
 
-def _positional_arity(fn: StageFn) -> int:
+def positional_arity(fn: StageFn) -> int:
+    """How many positional arguments ``fn`` takes (2 or more: it wants the record too)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):

@@ -105,6 +105,14 @@ def stage_acls(node: StageNode, pipeline: Pipeline) -> list[Acl]:
         acls += _topic(user, node.output_topic, W, D, C)
     acls += _topic(user, node.dlq_topic, W, D, C)
     acls += _topic(user, node.state_topic, R, W, D, C)
+    if node.jobs is not None:  # it reports each job's record
+        acls += _topic(user, node.jobs.status, W, D, C) + _topic(user, node.jobs.replies, W, D, C)
+    if node.undo_topic:  # its dead letters ask an earlier stage to compensate
+        acls += _topic(user, node.undo_topic, W, D, C)
+    if node.compensate_topic:  # it compensates: reads the requests, remembers what it ran
+        acls += _topic(user, node.compensate_topic, R, D, C)
+        acls += [Acl(user, Resource.GROUP, node.compensate_topic, R)]
+        acls += _topic(user, f"{node.compensate_topic}.done", R, W, D, C)
     acls += [Acl(user, Resource.CLUSTER, _CLUSTER, Operation.IDEMPOTENT_WRITE)]
     if pipeline.delivery.value == "exactly_once":
         prefix = node.transactional_prefix
@@ -117,6 +125,11 @@ def publisher_acls(pipeline: Pipeline, principal: str) -> list[Acl]:
     user = f"User:{principal}"
     acls = _topic(user, pipeline.source, Operation.WRITE, Operation.DESCRIBE)
     acls += [Acl(user, Resource.CLUSTER, _CLUSTER, Operation.IDEMPOTENT_WRITE)]
+    if pipeline.jobs is not None:  # a JobClient: writes "accepted", reads the ends
+        acls += _topic(
+            user, pipeline.jobs.status, Operation.WRITE, Operation.READ, Operation.DESCRIBE
+        )
+        acls += _topic(user, pipeline.jobs.replies, Operation.READ, Operation.DESCRIBE)
     return sorted(acls)
 
 

@@ -22,7 +22,13 @@ from typing import Any
 from pipeline.dsl import StageNode
 from pipeline.errors import CodecError, StageError
 from pipeline.record import ID_HEADER, PART_HEADER, SEQ_HEADER, WRITER_HEADER, Record, decode_seq
-from pipeline.runtime.deadletter import REPLAYED, ClassLog, dead_letter_headers, error_class
+from pipeline.runtime.deadletter import (
+    REPLAYED,
+    ClassLog,
+    Parked,
+    dead_letter_headers,
+    error_class,
+)
 from pipeline.runtime.gate import Gate
 from pipeline.runtime.holds import Held, Holds, Tripped
 from pipeline.runtime.jobs import JobReports
@@ -429,6 +435,12 @@ class RecordHandler:
         )  # fmt: skip
         part = t.partition_for(self._dlq, msg.key)
         t.append(self._dlq, part, msg.key, msg.value, headers, msg.timestamp, msg.partition)
+        undo = self.node.undo_topic
+        if undo is not None and not isinstance(exc, Parked):
+            # An earlier stage undoes its part (pipeline.runtime.compensation); a parked
+            # record did not fail, it waits for its key's replay.
+            part = t.partition_for(undo, msg.key)
+            t.append(undo, part, msg.key, msg.value, headers, msg.timestamp, msg.partition)
         stats.dead_letters += 1
         stats.dead_by_error[error_class(exc)] += 1
         if self.jobs is not None:

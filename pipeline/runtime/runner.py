@@ -11,13 +11,15 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiokafka.errors import KafkaError
 
 from pipeline.dsl import Delivery, Pipeline, StageNode
+from pipeline.runtime.compensation import Compensator
 from pipeline.runtime.connectivity import BrokerEpisodes, Connectivity
 from pipeline.runtime.kafka_transport import KafkaTransport
 from pipeline.runtime.offsets import OffsetReset
@@ -93,7 +95,13 @@ async def run_stages(
             jobs = None if pipeline.jobs is None else (bootstrap, pipeline.jobs.status)
             url = await surface.enter_async_context(serve(workers, *options.http, jobs=jobs))
         workers.extend(_worker(pipeline, node, bootstrap, options, url) for node in nodes)
-        return await _run_workers(workers, options, stop, on_stats)
+        # A stage with compensate= undoes its part of records dead-lettered later, beside it.
+        helpers = [
+            Compensator(pipeline, node, bootstrap).run
+            for node in nodes
+            if node.stage.compensate is not None
+        ]
+        return await _run_workers(workers, options, stop, on_stats, helpers)
 
 
 async def _run_workers(
@@ -101,10 +109,14 @@ async def _run_workers(
     options: RunOptions,
     stop: asyncio.Event,
     on_stats: Callable[[list[StageStats]], None] | None,
+    helpers: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, Any]]] = (),
 ) -> list[StageStats]:
     episodes = BrokerEpisodes.install()
     with signals(stop):
-        tasks = [asyncio.create_task(w.run(stop), name=f"stage-{w.node.name}") for w in workers]
+        tasks: list[asyncio.Task[Any]] = [
+            asyncio.create_task(w.run(stop), name=f"stage-{w.node.name}") for w in workers
+        ]
+        tasks += [asyncio.create_task(run(stop), name="compensations") for run in helpers]
         reporter = asyncio.create_task(_report(workers, options, stop, on_stats, episodes))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)

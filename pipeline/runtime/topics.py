@@ -50,6 +50,11 @@ class TopicSpec:
         return {"min.insync.replicas": str(policy.min_insync_for(brokers)), **self.config}
 
 
+def done_topic(compensate_topic: str) -> str:
+    """Where a stage remembers the compensations it ran (compacted; key = request id)."""
+    return f"{compensate_topic}.done"
+
+
 def topic_specs(pipeline: Pipeline) -> list[TopicSpec]:
     """Every topic ``pipeline`` reads or writes, in topology order."""
     policy = pipeline.topics
@@ -64,6 +69,11 @@ def topic_specs(pipeline: Pipeline) -> list[TopicSpec]:
         specs.append(TopicSpec(node.dlq_topic, role, n, r, dlq, isr))
         state = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
         specs.append(TopicSpec(node.state_topic, f"state of '{node.name}'", n, r, state, isr))
+        if node.compensate_topic:
+            role = f"compensations of '{node.name}'"
+            specs.append(TopicSpec(node.compensate_topic, role, n, r, dlq, isr))
+            done = f"compensations done by '{node.name}'"
+            specs.append(TopicSpec(done_topic(node.compensate_topic), done, n, r, state, isr))
     if pipeline.jobs is not None:
         table = {"cleanup.policy": "compact"}
         specs.append(TopicSpec(pipeline.jobs.status, "job status table", n, r, table, isr))
@@ -82,6 +92,10 @@ def stage_topic_specs(pipeline: Pipeline, nodes: list[StageNode]) -> list[TopicS
             names.add(node.output_topic)
         if node.jobs is not None:  # every stage reports jobs
             names |= {node.jobs.status, node.jobs.replies}
+        if node.compensate_topic:  # its compensations: read, remembered, passed on
+            names |= {node.compensate_topic, done_topic(node.compensate_topic)}
+        if node.undo_topic:  # its dead letters ask an earlier stage to compensate
+            names.add(node.undo_topic)
     return [s for s in topic_specs(pipeline) if s.name in names]
 
 

@@ -170,7 +170,8 @@ class StageWorker:
         jobs = self.handler.jobs
         for topic in (
             self.node.input_topic, self.node.output_topic, self.node.dlq_topic,
-            self.node.state_topic, *(jobs.topics() if jobs is not None else ()),
+            self.node.state_topic, self.node.undo_topic,
+            *(jobs.topics() if jobs is not None else ()),
         ):  # fmt: skip
             if topic:
                 counts[topic] = await self.transport.prepare_topic(topic)

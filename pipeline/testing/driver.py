@@ -111,6 +111,8 @@ class TestDriver:
             topics |= {node.input_topic, node.dlq_topic, node.state_topic}
             if node.output_topic:
                 topics.add(node.output_topic)
+            # Compensation requests are written here; the driver runs no compensations.
+            topics |= {t for t in (node.compensate_topic, node.undo_topic) if t}
         if pipeline.jobs is not None:
             topics |= {pipeline.jobs.status, pipeline.jobs.replies}
         for topic in sorted(topics):

@@ -80,7 +80,7 @@ def compose(
             "depends_on": {"kafka": {"condition": "service_healthy"}},
         },
     }  # fmt: skip
-    for node in pipeline.nodes():
+    for node in _one_per_stage(pipeline):
         services[f"stage-{node.name}"] = {
             "image": image,
             "command": [
@@ -118,7 +118,7 @@ def kubernetes(
             and the CA mounted from Secrets (referenced, never inlined).
     """
     docs: list[dict[str, Any]] = []
-    for node in pipeline.nodes():
+    for node in _one_per_stage(pipeline):
         name = f"{pipeline.name}-{node.name}".replace(".", "-").replace("_", "-").lower()
         labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": pipeline.name}
         probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
@@ -235,3 +235,11 @@ def _secure(
 def to_yaml(docs: list[dict[str, Any]]) -> str:
     """One YAML stream (documents separated by ``---``), keys in the order written."""
     return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=100)
+
+
+def _one_per_stage(pipeline: Pipeline) -> list[Any]:
+    """A node per stage: the priority lanes of a stage run in one process (their turns)."""
+    first: dict[str, Any] = {}
+    for node in pipeline.nodes():
+        first.setdefault(node.name, node)
+    return list(first.values())

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.compat import check_compatible
 from pipeline.errors import DefinitionError, SchemaError
+from pipeline.priority import Priority, lane_label
 from pipeline.schedule import Schedule
 from pipeline.schema import SchemaStore
 from pipeline.stage import Stage
@@ -117,10 +118,17 @@ class StageNode:
     steps: int = 1  # stages in the pipeline (the last one completes a job)
     compensate_topic: str | None = None  # its compensation requests (it has compensate=)
     undo_topic: str | None = None  # where its dead letters ask an earlier stage to compensate
+    lane: str | None = None  # a priority lane of the first stage: its input topic
+    weight: int = 1  # the lane's weight (pipeline.priority)
 
     @property
     def name(self) -> str:
         return self.stage.name
+
+    @property
+    def label(self) -> str:
+        """The stage's name, with its lane when it has one (``price[orders.low]``)."""
+        return self.name if self.lane is None else f"{self.name}[{self.lane}]"
 
     @property
     def last(self) -> bool:
@@ -139,7 +147,8 @@ class Pipeline:
 
     Args:
         name: Pipeline name; prefix of every topic and group it owns.
-        source: The input topic applications publish to.
+        source: The input topic applications publish to, or a :class:`~pipeline.priority.Priority`
+            of several (lanes with weights; ``source`` is then the heaviest lane's topic).
         key: Field of the first stage's input schema that is the sequence key.
         schemas: A :class:`SchemaStore` or a directory of ``.avsc`` files.
         topics: How topics are created.
@@ -162,12 +171,13 @@ class Pipeline:
     delivery: Delivery = Delivery.AT_LEAST_ONCE
     schedules: tuple[Schedule, ...] = ()
     jobs: JobTopics | None = None
+    priority: Priority | None = None
 
     def __init__(
         self,
         name: str,
         *,
-        source: str,
+        source: str | Priority,
         key: str,
         schemas: SchemaStore | str | Path = "schemas",
         topics: TopicPolicy | None = None,
@@ -176,7 +186,10 @@ class Pipeline:
         names: tuple[Names, ...] = (),
         schedules: tuple[Schedule, ...] = (),
         jobs: JobTopics | None = None,
+        priority: Priority | None = None,
     ) -> None:
+        if isinstance(source, Priority):  # lanes: the heaviest is "the" source
+            priority, source = source, source.topics[0]
         if not name or any(c in name for c in " /\\:"):
             raise DefinitionError(f"pipeline name {name!r} is not valid (no spaces, '/', ':')")
         store = schemas if isinstance(schemas, SchemaStore) else SchemaStore.from_directory(schemas)
@@ -192,6 +205,7 @@ class Pipeline:
             ("names", names),
             ("schedules", schedules),
             ("jobs", jobs),
+            ("priority", priority),
         ):
             object.__setattr__(self, attr, value)
 
@@ -316,36 +330,70 @@ class Pipeline:
             base = f"{self.name}.{stage.name}"
             mine = f"{base}.compensate" if stage.compensate is not None else None
             output = None if stage.output is None else (names.output or base)
-            nodes.append(
-                StageNode(
-                    pipeline=self.name,
-                    stage=stage,
-                    index=i,
-                    input_topic=upstream,
-                    output_topic=output,
-                    dlq_topic=names.dlq or f"{base}.dlq",
-                    state_topic=names.state or f"{base}.state",
-                    group=names.group or base,
-                    principal=names.principal or names.group or base,
-                    jobs=self.jobs,
-                    steps=len(self.stages),
-                    compensate_topic=mine,
-                    undo_topic=undo,
-                )
+            node = StageNode(
+                pipeline=self.name,
+                stage=stage,
+                index=i,
+                input_topic=upstream,
+                output_topic=output,
+                dlq_topic=names.dlq or f"{base}.dlq",
+                state_topic=names.state or f"{base}.state",
+                group=names.group or base,
+                principal=names.principal or names.group or base,
+                jobs=self.jobs,
+                steps=len(self.stages),
+                compensate_topic=mine,
+                undo_topic=undo,
             )
+            if i == 0 and self.priority is not None:
+                # One worker per lane: a group, dead letters and state of its own.
+                for topic, weight in self.priority.lanes:
+                    own = f"{base}.{lane_label(topic)}"
+                    nodes.append(
+                        replace(
+                            node, input_topic=topic, dlq_topic=f"{own}.dlq",
+                            state_topic=f"{own}.state", group=own, lane=topic, weight=weight,
+                        )
+                    )  # fmt: skip
+            else:
+                nodes.append(node)
             upstream = output or ""
             undo = mine or undo
         return nodes
 
-    def node(self, stage_name: str) -> StageNode:
-        """The node of stage ``stage_name``.
+    def node(self, stage_name: str, lane: str | None = None) -> StageNode:
+        """The node of stage ``stage_name`` (of its ``lane``, for a stage with priority lanes).
+
+        Raises:
+            DefinitionError: No such stage (the message lists the pipeline's stages), or a
+                stage with lanes and no (or another) ``lane``.
+        """
+        found = self.lanes_of(stage_name)
+        if len(found) == 1 and lane is None:
+            return found[0]
+        for node in found:
+            if node.lane == lane:
+                return node
+        known = ", ".join(str(n.lane) for n in found)
+        if lane is None:
+            raise DefinitionError(
+                f"stage '{stage_name}' of pipeline '{self.name}' reads priority lanes: say "
+                f"which (its lanes: {known})"
+            )
+        raise DefinitionError(
+            f"stage '{stage_name}' of pipeline '{self.name}' has no lane {lane} (its lanes: "
+            f"{known})"
+        )
+
+    def lanes_of(self, stage_name: str) -> list[StageNode]:
+        """Every node of stage ``stage_name``: one, or one per priority lane.
 
         Raises:
             DefinitionError: No such stage; the message lists the pipeline's stages.
         """
-        for node in self.nodes():
-            if node.name == stage_name:
-                return node
+        found = [node for node in self.nodes() if node.name == stage_name]
+        if found:
+            return found
         known = ", ".join(s.name for s in self.stages) or "none"
         raise DefinitionError(
             f"pipeline '{self.name}' has no stage named '{stage_name}'; its stages: {known}"
@@ -359,13 +407,14 @@ class Pipeline:
 
     def _check_unique_names(self) -> None:
         """No two roles may share a topic or group: that would loop or mix records."""
-        owners: dict[str, str] = {self.source: "the source"}
+        sources = self.priority.topics if self.priority is not None else (self.source,)
+        owners: dict[str, str] = dict.fromkeys(sources, "the source")
         for node in self.nodes():
             named = [
                 (node.output_topic, f"the output of '{node.name}'"),
-                (node.dlq_topic, f"the dead letters of '{node.name}'"),
-                (node.state_topic, f"the state of '{node.name}'"),
-                (f"group:{node.group}", f"the group of '{node.name}'"),
+                (node.dlq_topic, f"the dead letters of '{node.label}'"),
+                (node.state_topic, f"the state of '{node.label}'"),
+                (f"group:{node.group}", f"the group of '{node.label}'"),
             ]
             for topic, role in named:
                 if topic is None:

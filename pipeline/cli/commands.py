@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.cli.console import console
@@ -200,12 +201,15 @@ def graph(ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")]) -> Non
         f"[bold]pipeline {pipeline.name}[/]  ({pipeline.delivery.value}, "
         f"{pipeline.topics.partitions} partitions, sequence key '{pipeline.key}')"
     )
-    out.print(f"  source  {pipeline.source}")
+    sources = pipeline.priority.lanes if pipeline.priority else ((pipeline.source, 1),)
+    out.print("  source  " + ", ".join(
+        topic if len(sources) == 1 else f"{topic} (weight {w})" for topic, w in sources
+    ))  # fmt: skip
     for node in pipeline.nodes():
         st = node.stage
         extra = f", concurrency {st.concurrency}" if st.concurrency > 1 else ""
         schemas = f"{st.input} -> {st.output or '(sink)'}{extra}"
-        out.print(f"  [bold]{node.index + 1}. {node.name}[/]  {schemas}")
+        out.print(f"  [bold]{node.index + 1}. {escape(node.label)}[/]  {schemas}")
         out.print(f"       in {node.input_topic}   out {node.output_topic or '-'}")
         out.print(f"       dlq {node.dlq_topic}   state {node.state_topic}   group {node.group}")
 

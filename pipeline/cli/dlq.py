@@ -34,6 +34,10 @@ _REPLAY_EPILOG = (
     "already processed as duplicates."
 )
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")]
+LaneOpt = Annotated[
+    str | None,
+    typer.Option(help="The priority lane (its topic), for a stage that reads several."),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -48,13 +52,17 @@ def register(app: typer.Typer) -> None:
 
 
 def list_dead_letters(
-    ref: RefArg, stage: StageArg, bootstrap: BootstrapOpt = None, as_json: JsonOpt = False
+    ref: RefArg,
+    stage: StageArg,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+    lane: LaneOpt = None,
 ) -> None:
     """Count a stage's dead letters by error class, overall and per partition."""
     from pipeline.dlq import summarize
 
     pipeline = load_pipeline(ref)
-    summary = asyncio.run(summarize(bootstrap_address(bootstrap), pipeline, stage))
+    summary = asyncio.run(summarize(bootstrap_address(bootstrap), pipeline, stage, lane))
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
@@ -81,6 +89,7 @@ def show_dead_letters(
     where: WhereOpt = None,
     trace: Annotated[bool, typer.Option(help="Print each dead letter's traceback.")] = False,
     bootstrap: BootstrapOpt = None,
+    lane: LaneOpt = None,
 ) -> None:
     """Show a stage's dead letters: error headers, and the value decoded where possible."""
     from pipeline.dlq import Where, show
@@ -88,7 +97,7 @@ def show_dead_letters(
     pipeline = load_pipeline(ref)
     filt = Where.parse(where or ())
     found = asyncio.run(
-        show(bootstrap_address(bootstrap), pipeline, stage, limit=limit, where=filt)
+        show(bootstrap_address(bootstrap), pipeline, stage, limit=limit, where=filt, lane=lane)
     )
     for record, value in found:
         origin = record.origin
@@ -119,6 +128,7 @@ def replay_dead_letters(
     ] = False,
     bootstrap: BootstrapOpt = None,
     as_json: JsonOpt = False,
+    lane: LaneOpt = None,
 ) -> None:
     """Re-publish a stage's dead letters to its input topic (error headers stripped)."""
     from pipeline.dlq import Where, replay
@@ -143,8 +153,9 @@ def replay_dead_letters(
                 bar.update(task, completed=read, total=total)
 
             return await replay(
-                address, pipeline, stage, where=filt, dry_run=dry_run, progress=progress
-            )
+                address, pipeline, stage, where=filt, dry_run=dry_run, progress=progress,
+                lane=lane,
+            )  # fmt: skip
 
     report = asyncio.run(go())
     if as_json:

@@ -84,15 +84,18 @@ async def read_dead_letters(
             await consumer.stop()
 
 
-async def summarize(bootstrap: Bootstrap, pipeline: Pipeline, stage: str) -> DlqSummary:
-    """Count the dead letters of ``stage`` by error class (and partition).
+async def summarize(
+    bootstrap: Bootstrap, pipeline: Pipeline, stage: str, lane: str | None = None
+) -> DlqSummary:
+    """Count the dead letters of ``stage`` (of its ``lane``, when it reads priority lanes) by
+    error class (and partition).
 
     Raises:
-        DefinitionError: ``pipeline`` has no such stage.
+        DefinitionError: ``pipeline`` has no such stage (or lane).
         TopicError: The dead-letter topic does not exist.
         BrokerUnavailableError: No broker answers.
     """
-    node = pipeline.node(stage)
+    node = pipeline.node(stage, lane)
     summary = DlqSummary(stage, node.dlq_topic)
     async for record in read_dead_letters(bootstrap, node.dlq_topic):
         summary.add(record)
@@ -109,10 +112,11 @@ async def show(
     *,
     limit: int = 20,
     where: Where | None = None,
+    lane: str | None = None,
 ) -> list[tuple[DeadLetterRecord, Any]]:
-    """The first ``limit`` dead letters of ``stage`` that match ``where``, each with its value
-    decoded by the stage's input schema (or a description of the raw bytes)."""
-    node = pipeline.node(stage)
+    """The first ``limit`` dead letters of ``stage`` (of its ``lane``) that match ``where``,
+    each with its value decoded by the stage's input schema (or a description of the bytes)."""
+    node = pipeline.node(stage, lane)
     where = where or Where()
     found: list[tuple[DeadLetterRecord, Any]] = []
     async with contextlib.aclosing(read_dead_letters(bootstrap, node.dlq_topic)) as records:
@@ -144,6 +148,7 @@ async def replay(
     dry_run: bool = False,
     progress: Progress | None = None,
     replay_id: str | None = None,
+    lane: str | None = None,
 ) -> ReplayReport:
     """Re-publish the dead letters of ``stage`` that match ``where`` to its input topic.
 
@@ -158,7 +163,7 @@ async def replay(
         TopicError: The dead-letter or input topic does not exist.
         BrokerUnavailableError: No broker answers.
     """
-    node = pipeline.node(stage)
+    node = pipeline.node(stage, lane)  # a lane's dead letters go back to that lane
     run = Replay(stage, node.input_topic, where or Where(), replay_id)
     run.report.dry_run = dry_run
     if dry_run:

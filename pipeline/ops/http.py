@@ -53,7 +53,7 @@ def parse_address(text: str) -> tuple[str, int]:
 
 def _states(workers: Sequence[StageWorker]) -> dict[str, dict[str, object]]:
     return {
-        w.node.stage.name: {"state": w.stats.state, "ready": w.stats.ready,
+        w.node.label: {"state": w.stats.state, "ready": w.stats.ready,
                             "reachable": w.stats.reachable}
         for w in workers
     }  # fmt: skip
@@ -72,13 +72,13 @@ def app(
         lags = {}
         for w in workers:
             with contextlib.suppress(Exception):  # a lag we cannot learn now is left out
-                lags[w.node.stage.name] = await w.transport.lag()
+                lags[w.node.label] = await w.transport.lag()
         collector.lags = lags
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health(_: web.Request) -> web.Response:
-        failed = [w.node.stage.name for w in workers if w.failed]
+        failed = [w.node.label for w in workers if w.failed]
         body = {"status": "failed" if failed else "ok", "failed": failed,
                 "stages": _states(workers)}  # fmt: skip
         return web.json_response(body, status=503 if failed else 200)

@@ -81,7 +81,7 @@ class StageCollector(Collector):
         self.lags: dict[str, dict[int, int]] = {}
 
     def collect(self) -> Iterator[Metric]:
-        workers = [(w.node.pipeline, w.node.stage.name, w.gauges(), w) for w in self.workers]
+        workers = [(w.node.pipeline, w.node.label, w.gauges(), w) for w in self.workers]
         outcomes = CounterMetricFamily(
             "pipeline_records", "Input records by how they ended.", labels=[*_LABELS, "outcome"]
         )

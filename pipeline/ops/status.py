@@ -220,7 +220,7 @@ def _stage(
     node: StageNode, first: _Sample, second: _Sample, groups: Mapping[str, Any]
 ) -> StageStatus:
     state, raw_members = groups.get(node.group, ("unknown", []))
-    status = StageStatus(node.stage.name, node.group, state or "Empty")
+    status = StageStatus(node.label, node.group, state or "Empty")
     for raw in raw_members:
         _member_id, client_id, host, _meta, assignment = raw[:5]
         partitions: list[int] = []

@@ -23,6 +23,7 @@ from pipeline.runtime.compensation import Compensator
 from pipeline.runtime.connectivity import BrokerEpisodes, Connectivity
 from pipeline.runtime.kafka_transport import KafkaTransport
 from pipeline.runtime.offsets import OffsetReset
+from pipeline.runtime.priority import LaneGate
 from pipeline.runtime.state import RocksStores
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.topics import ensure_topics, stage_topic_specs
@@ -78,7 +79,7 @@ async def run_stages(
         AuthenticationError: The connection's credentials, certificate or protocol refused.
         AuthorizationError: The stage's principal lacks an ACL it needs.
     """
-    nodes = [pipeline.node(name) for name in stage_names]
+    nodes = [node for name in stage_names for node in pipeline.lanes_of(name)]
     _quiet_abandoned_kafka_futures()
     # Only the topics these stages read and own: a stage run with its own principal may see
     # nothing else (pipeline acl), and another stage's topics are that stage's to create.
@@ -94,13 +95,20 @@ async def run_stages(
             # each member's /health there); the surface serves the list once it is filled.
             jobs = None if pipeline.jobs is None else (bootstrap, pipeline.jobs.status)
             url = await surface.enter_async_context(serve(workers, *options.http, jobs=jobs))
-        workers.extend(_worker(pipeline, node, bootstrap, options, url) for node in nodes)
-        # A stage with compensate= undoes its part of records dead-lettered later, beside it.
-        helpers = [
-            Compensator(pipeline, node, bootstrap).run
-            for node in nodes
-            if node.stage.compensate is not None
-        ]
+        gates = {  # the priority lanes of a stage take turns (pipeline.priority)
+            name: LaneGate(
+                {n.lane: n.weight for n in lanes if n.lane}, options.batching.max_records
+            )
+            for name in stage_names
+            if len(lanes := pipeline.lanes_of(name)) > 1
+        }
+        workers.extend(
+            _worker(pipeline, node, bootstrap, options, url, gates.get(node.name)) for node in nodes
+        )
+        # A stage with compensate= undoes its part of records dead-lettered later, beside it
+        # (one compensator per stage, whatever its lanes).
+        compensating = {n.compensate_topic: n for n in nodes if n.compensate_topic}
+        helpers = [Compensator(pipeline, n, bootstrap).run for n in compensating.values()]
         return await _run_workers(workers, options, stop, on_stats, helpers)
 
 
@@ -147,6 +155,7 @@ def _worker(
     bootstrap: Bootstrap,
     options: RunOptions,
     url: str | None,
+    gate: LaneGate | None = None,
 ) -> StageWorker:
     exactly_once = pipeline.delivery is Delivery.EXACTLY_ONCE
     transport = KafkaTransport(
@@ -169,6 +178,7 @@ def _worker(
         exactly_once=exactly_once,
         offset_reset=options.offset_reset,
         tracing=options.tracing,
+        gate=gate,
     )
 
 

@@ -59,16 +59,17 @@ def topic_specs(pipeline: Pipeline) -> list[TopicSpec]:
     """Every topic ``pipeline`` reads or writes, in topology order."""
     policy = pipeline.topics
     n, r, isr = policy.partitions, policy.replication, policy.min_insync
-    specs = [TopicSpec(pipeline.source, "source", n, r, min_insync=isr)]
+    sources = pipeline.priority.topics if pipeline.priority is not None else (pipeline.source,)
+    specs = [TopicSpec(topic, "source", n, r, min_insync=isr) for topic in sources]
     for node in pipeline.nodes():
         if node.output_topic:
             role = f"output of '{node.name}'"
             specs.append(TopicSpec(node.output_topic, role, n, r, min_insync=isr))
         dlq = {"retention.ms": DLQ_RETENTION_MS}
-        role = f"dead letters of '{node.name}'"
+        role = f"dead letters of '{node.label}'"
         specs.append(TopicSpec(node.dlq_topic, role, n, r, dlq, isr))
         state = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
-        specs.append(TopicSpec(node.state_topic, f"state of '{node.name}'", n, r, state, isr))
+        specs.append(TopicSpec(node.state_topic, f"state of '{node.label}'", n, r, state, isr))
         if node.compensate_topic:
             role = f"compensations of '{node.name}'"
             specs.append(TopicSpec(node.compensate_topic, role, n, r, dlq, isr))
@@ -79,7 +80,10 @@ def topic_specs(pipeline: Pipeline) -> list[TopicSpec]:
         specs.append(TopicSpec(pipeline.jobs.status, "job status table", n, r, table, isr))
         replies = {"retention.ms": REPLY_RETENTION_MS}
         specs.append(TopicSpec(pipeline.jobs.replies, "job replies", n, r, replies, isr))
-    return specs
+    unique: dict[str, TopicSpec] = {}
+    for spec in specs:  # the lanes of a stage share its output and compensations
+        unique.setdefault(spec.name, spec)
+    return list(unique.values())
 
 
 def stage_topic_specs(pipeline: Pipeline, nodes: list[StageNode]) -> list[TopicSpec]:

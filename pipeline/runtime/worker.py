@@ -47,6 +47,7 @@ from pipeline.runtime.holds import Tripped
 from pipeline.runtime.lanes import KeyLanes
 from pipeline.runtime.offsets import OffsetReset, ResetMode, combined
 from pipeline.runtime.pauses import Pauses
+from pipeline.runtime.priority import LaneGate
 from pipeline.runtime.recovery import recover
 from pipeline.runtime.setup import enter_setup
 from pipeline.runtime.state import StateTable, StoreFactory, now_ms
@@ -76,6 +77,7 @@ class StageWorker:
         clock: Seconds, monotonic: when held records are overdue and pauses end (virtual in
             tests, with ``sleep``).
         tracing: A span per call of the stage function (see :mod:`pipeline.ops.tracing`).
+        gate: Turns between the priority lanes of the stage (``node.lane`` is this one's).
     """
 
     def __init__(
@@ -92,13 +94,15 @@ class StageWorker:
         offset_reset: OffsetReset = OffsetReset(),
         clock: Callable[[], float] = time.monotonic,
         tracing: bool = False,
+        gate: LaneGate | None = None,
     ) -> None:
         self.node = node
+        self.gate = gate
         self.transport = transport
         self.batching = batching
         self.exactly_once = exactly_once
         self.offset_reset = offset_reset
-        self.stats = stats or StageStats(node.stage.name)
+        self.stats = stats or StageStats(node.label)
         self.table = StateTable(node.state_topic, node.stage.dedup, stores, self.stats)
         self.handler = RecordHandler(
             node, schemas, transport, self.stats, sleep, clock, tracing=tracing
@@ -149,6 +153,8 @@ class StageWorker:
                 failed = False
             finally:
                 self._stopping = True  # a rebalance callback after this takes nothing
+                if self.gate is not None and self.node.lane is not None:
+                    self.gate.gone(self.node.lane)
                 stats.state = "failed" if failed else "stopped"
                 try:
                     if self._fatal is None:
@@ -206,10 +212,21 @@ class StageWorker:
     async def _fetch(self, wait_ms: int | None = None) -> Mapping[Any, list[Any]]:
         """Fetch; a position gone from the log goes to the :class:`OffsetReset` policy."""
         b = self.batching
+        wait = b.fetch_wait_ms if wait_ms is None else wait_ms
+        gate, lane = self.gate, self.node.lane
+        if gate is None or lane is None:
+            return await self._fetch_some(wait, b.max_records)
+        most, instead = await gate.enter(lane)  # priority lanes: take turns by weight
+        got: Mapping[Any, list[Any]] = {}
         try:
-            return await self.transport.fetch(
-                b.fetch_wait_ms if wait_ms is None else wait_ms, b.max_records
-            )
+            got = await self._fetch_some(wait if instead is None else instead, most)
+        finally:
+            gate.leave(lane, sum(len(msgs) for msgs in got.values()))
+        return got
+
+    async def _fetch_some(self, wait_ms: int, most: int) -> Mapping[Any, list[Any]]:
+        try:
+            return await self.transport.fetch(wait_ms, most)
         except OffsetOutOfRangeError as gone:
             # Under the lock: not while partitions are being taken over (the error may come
             # while a rebalance callback restores them), and nothing handled meanwhile.

@@ -102,7 +102,7 @@ class TestDriver:
         self.nodes = [pipeline.node(n) for n in stages] if stages else pipeline.nodes()
         self.broker = MemoryBroker()
         self.clock = VirtualClock()
-        self.stats: dict[str, StageStats] = {n.name: StageStats(n.name) for n in self.nodes}
+        self.stats: dict[str, StageStats] = {n.label: StageStats(n.label) for n in self.nodes}
         self._writer = writer_identity()
         self._clocks: dict[bytes, SequenceClock] = {}  # per writer, as each publisher has one
         parts = pipeline.topics.partitions
@@ -129,6 +129,7 @@ class TestDriver:
         writer: str | bytes | None = None,
         stage: str | None = None,
         job: str | None = None,
+        lane: str | None = None,
     ) -> MemoryRecord:
         """Publish a value as the :class:`~pipeline.publish.Publisher` would (validated,
         keyed by the sequence key, with a sequence number, a writer identity and an event id).
@@ -139,11 +140,16 @@ class TestDriver:
             stage: Send to this stage's input instead of the pipeline's source.
             job: Send it as this job (the pipeline tracks jobs; see :meth:`job`); the job id
                 is its event id too, as :class:`~pipeline.jobs.JobClient` sends it.
+            lane: Send it to this priority lane (its topic) of the first stage (default: the
+                heaviest lane).
 
         Raises:
             EncodeError: The value breaks the input schema or lacks the key field.
         """
-        node = self._node(stage) if stage else self.nodes[0]
+        if lane is not None:
+            node = self.pipeline.node(stage or self.nodes[0].name, lane)
+        else:
+            node = self._node(stage) if stage else self.nodes[0]
         codec = self.pipeline.schemas.codec(node.stage.input)
         who = self._writer if writer is None else writer_identity(writer)
         clock = self._clocks.setdefault(who, SequenceClock())
@@ -188,7 +194,7 @@ class TestDriver:
         )  # fmt: skip
         worker = StageWorker(
             node, self.pipeline.schemas, transport, batching=_FAST, sleep=self.clock.sleep,
-            stats=self.stats[node.name], clock=self.clock.now, offset_reset=self.offset_reset,
+            stats=self.stats[node.label], clock=self.clock.now, offset_reset=self.offset_reset,
         )  # fmt: skip
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))

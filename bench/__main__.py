@@ -22,6 +22,7 @@ from bench import (
     dedup_memory,
     delivery,
     ops_overhead,
+    priority,
     report,
     restore,
     security,
@@ -38,6 +39,7 @@ BENCHMARKS = (
     cluster.NAME,
     ops_overhead.NAME,
     crash_guard.NAME,
+    priority.NAME,
     security.NAME,
     dedup_memory.NAME,
 )
@@ -248,6 +250,19 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                 bootstrap,
                 broker,
                 ops_overhead.Config(
+                    records=args.records,
+                    partitions=args.partitions,
+                    keys=args.keys,
+                    repeat=args.repeat,
+                    results=args.results,
+                ),
+                topics,
+            )
+        if priority.NAME in args.only:
+            await priority.run(
+                bootstrap,
+                broker,
+                priority.Config(
                     records=args.records,
                     partitions=args.partitions,
                     keys=args.keys,

@@ -26,6 +26,7 @@ from pipeline.errors import (
     TopicError,
 )
 from pipeline.jobs import JobClient, JobState, JobStatus
+from pipeline.priority import Priority
 from pipeline.publish import Publisher, SyncPublisher
 from pipeline.record import Emit, Record
 from pipeline.runtime.offsets import OffsetReset
@@ -71,6 +72,7 @@ __all__ = [
     "OffsetReset",
     "Pipeline",
     "PipelineError",
+    "Priority",
     "Publisher",
     "Record",
     "RetryPolicy",

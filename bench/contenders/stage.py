@@ -15,6 +15,7 @@ from unittest import mock
 
 from bench import common, workload
 from pipeline.dsl import Pipeline, TopicPolicy
+from pipeline.priority import Priority
 from pipeline.runtime import runner
 from pipeline.runtime.runner import RunOptions, run_stages
 from pipeline.runtime.stats import StageStats
@@ -39,15 +40,16 @@ def timed_transport(base: type[Any], probe: common.Probe) -> type[Any]:
 
         async def commit(self, offsets: Mapping[Any, int], *args: Any, **kwargs: Any) -> Any:
             out = await super().commit(offsets, *args, **kwargs)
-            probe.committed({_partition_key(tp): o for tp, o in offsets.items()})
+            topic = self.input_topic  # priority lanes: several transports, one per topic
+            probe.committed({_partition_key(topic, tp): o for tp, o in offsets.items()})
             return out
 
     return TimedTransport
 
 
-def _partition_key(tp: Any) -> tuple[str, int]:
+def _partition_key(topic: str, tp: Any) -> tuple[str, int]:
     """Offsets come keyed by topic-partition, or by partition number of the input topic."""
-    return ("", tp) if isinstance(tp, int) else (tp.topic, tp.partition)
+    return (topic, tp) if isinstance(tp, int) else (tp.topic, tp.partition)
 
 
 @contextlib.contextmanager
@@ -66,7 +68,7 @@ def instrumented(probe: common.Probe) -> Iterator[None]:
 async def run_stage(
     bootstrap: Bootstrap,
     *,
-    source: str,
+    source: str | Priority,
     store: SchemaStore,
     stage: Stage,
     target: int,
@@ -92,9 +94,10 @@ async def run_stage(
         schemas=store,
         topics=TopicPolicy(partitions=partitions),
     ).then(stage)
-    node = pipeline.node(stage.name)
+    lanes = pipeline.lanes_of(stage.name)
+    node = lanes[-1]  # with priority lanes: the lightest (the one a bench loads)
     assert node.output_topic is not None
-    topics.adopt(node.output_topic, node.dlq_topic, node.state_topic)
+    topics.adopt(node.output_topic, *(t for n in lanes for t in (n.dlq_topic, n.state_topic)))
     # The framework creates its topics as it would at start-up; waiting for them here keeps
     # a new topic's first leader election out of the timed window, as for every contender.
     await ensure_topics(bootstrap, topic_specs(pipeline))
@@ -124,7 +127,7 @@ async def run_stage(
     except Exception as exc:  # report it, let the other contenders run
         result.error = common.describe(exc)
         return result
-    await common.verify(bootstrap, result, node.output_topic, node.group, source)
+    await common.verify(bootstrap, result, node.output_topic, node.group, node.input_topic)
     result.notes["state_topic_records"] = await common.end_offsets(bootstrap, node.state_topic)
     return result
 

@@ -221,8 +221,22 @@ class StageWorker:
         try:
             got = await self._fetch_some(wait if instead is None else instead, most)
         finally:
-            gate.leave(lane, sum(len(msgs) for msgs in got.values()))
+            taken = sum(len(msgs) for msgs in got.values())
+            gate.leave(lane, taken, not taken and await self._behind())
         return got
+
+    async def _behind(self) -> bool:
+        """Whether an owned partition has records left to read (or its end is not known yet:
+        an empty fetch right after taking a partition says nothing); a paused stage has none
+        to take now."""
+        owned = self.transport.assignment()
+        if not owned or self.stats.state in ("paused", "probing"):
+            return False
+        try:
+            behind = await self.transport.lag()
+        except BrokerError:
+            return False
+        return any(behind.get(tp.partition, 1) > 0 for tp in owned)
 
     async def _fetch_some(self, wait_ms: int, most: int) -> Mapping[Any, list[Any]]:
         try:
@@ -470,7 +484,9 @@ class StageWorker:
         except Exception as exc:  # aiokafka would log it and go on with a half-built state
             self._fail(exc, "taking over partitions")
             return
-        log.info("stage %s: partitions assigned: %s", self.node.name, _fmt(assigned))
+        if self.gate is not None and self.node.lane is not None:
+            self.gate.ready(self.node.lane)
+        log.info("stage %s: partitions assigned: %s", self.node.label, _fmt(assigned))
 
     async def _lost(self, partition: int) -> None:
         """Its transaction was lost: rebuild its state; it is read again from the log."""

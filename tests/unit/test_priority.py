@@ -73,6 +73,8 @@ def test_bad_lanes_are_refused(lanes: dict[str, Any]) -> None:
 
 async def test_with_both_lanes_backlogged_the_heavy_lane_takes_8_of_9_records() -> None:
     gate = LaneGate({"high": 8, "low": 1}, batch=900)
+    gate.ready("high")
+    gate.ready("low")
     order: list[tuple[str, int]] = []
 
     async def lane(name: str, backlog: int) -> None:
@@ -97,6 +99,13 @@ async def test_with_both_lanes_backlogged_the_heavy_lane_takes_8_of_9_records() 
 
 async def test_a_lane_alone_with_records_fetches_at_full_size_without_turns() -> None:
     gate = LaneGate({"high": 8, "low": 1}, batch=900)
+    waiting = asyncio.ensure_future(gate.enter("low"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the lanes start together
+    gate.ready("low")
+    gate.ready("high")
+    assert await gate.enter("high") == (800, None)  # at first: turns, the heaviest first
+    waiting.cancel()
     gate.leave("high", 0)  # high is idle
     for _ in range(5):
         most, wait = await asyncio.wait_for(gate.enter("low"), 0.1)

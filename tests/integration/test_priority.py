@@ -4,6 +4,7 @@ order within its lane; dead letters stay in their lane and replay to it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,13 +56,50 @@ async def test_a_backlog_on_both_lanes_gives_the_heavy_lane_8_of_9(
     assert {lane for lane, _ in order} == {"high", "low"}
 
 
-def test_the_dead_letter_tools_ask_which_lane(kafka_bootstrap: str, names: Names) -> None:
+async def test_dead_letters_stay_in_their_lane_and_replay_to_it(
+    kafka_bootstrap: str, names: Names, tmp_path: Path
+) -> None:
     name = names.pipeline()
-    env = {**os.environ, "LANES_PIPELINE": name}
-    listed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "dlq", "list", REF, "work", "--bootstrap",
-         kafka_bootstrap],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+    env = {"LANES_PIPELINE": name}
+    p = lanes.build(name)
+    await ensure_topics(kafka_bootstrap, topic_specs(p))
+    codec = SchemaStore.from_directory(SCHEMAS).codec(EVENT)
+    async with Publisher(kafka_bootstrap, f"{name}.low", codec, "key") as pub:
+        await pub.publish_many(
+            {"key": f"k{n}", "n": n, "hops": 0, "payload": "poison" if n == 3 else ""}
+            for n in range(10)
+        )
+    proc = StageProcess(REF, "work", kafka_bootstrap, env, tmp_path / "work.log")
+    try:
+        async with TopicReader(kafka_bootstrap, str(p.sink_topic)) as out:
+            await out.until_distinct(9, 60)
+        asked = cli("dlq", "list", REF, "work", "--bootstrap", kafka_bootstrap, env=env)
+        assert asked.returncode == 1 and "reads priority lanes: say which" in asked.stderr
+        assert f"{name}.high, {name}.low" in asked.stderr
+        low = ("--lane", f"{name}.low")
+        listed = cli("dlq", "list", REF, "work", *low, "--json", "--bootstrap", kafka_bootstrap,
+                     env=env)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)["by_class"] == {"StageError": 1}
+        high = cli("dlq", "list", REF, "work", "--lane", f"{name}.high", "--json",
+                   "--bootstrap", kafka_bootstrap, env=env)  # fmt: skip
+        assert json.loads(high.stdout)["by_class"] == {}
+        assert proc.terminate() == 0
+        proc = StageProcess(REF, "work", kafka_bootstrap, {**env, "LANES_FIXED": "1"},
+                            tmp_path / "work2.log")  # fmt: skip
+        replayed = cli("dlq", "replay", REF, "work", *low, "--bootstrap", kafka_bootstrap,
+                       env=env)  # fmt: skip
+        assert replayed.returncode == 0, replayed.stderr
+        assert f"to {name}.low" in replayed.stdout  # back to its own lane
+        async with TopicReader(kafka_bootstrap, str(p.sink_topic)) as out:
+            await out.until_distinct(10, 60)
+            assert out.distinct() == 10
+    finally:
+        proc.terminate()
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env={**os.environ, **env},
+        capture_output=True, text=True, check=False, timeout=120,
     )  # fmt: skip
-    assert listed.returncode == 1 and "reads priority lanes: say which" in listed.stderr
-    assert f"{name}.high, {name}.low" in listed.stderr

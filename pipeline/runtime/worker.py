@@ -40,6 +40,7 @@ from typing import Any
 
 from pipeline.dsl import StageNode
 from pipeline.errors import BrokerError, OffsetOutOfRangeError
+from pipeline.runtime import rebalance
 from pipeline.runtime.commits import Commits
 from pipeline.runtime.crashes import CrashGuard, handle_in_lanes, handle_inline
 from pipeline.runtime.handler import RecordHandler
@@ -50,14 +51,12 @@ from pipeline.runtime.pauses import Pauses
 from pipeline.runtime.priority import LaneGate
 from pipeline.runtime.recovery import recover
 from pipeline.runtime.setup import enter_setup
-from pipeline.runtime.state import StateTable, StoreFactory, now_ms
+from pipeline.runtime.state import StateTable, StoreFactory
 from pipeline.runtime.stats import StageStats
 from pipeline.runtime.transport import Batching, Transport
 from pipeline.schema import SchemaStore
 
 log = logging.getLogger(__name__)
-
-_RESTORE_LOG_EVERY = 100_000
 
 
 class StageWorker:
@@ -160,14 +159,14 @@ class StageWorker:
                     if self._fatal is None:
                         await self.commits.settle()
                         if not failed:
-                            await self._clean_marks(set(self.commits.committed))
+                            await rebalance.clean_marks(self, set(self.commits.committed))
                 except Exception:
                     if not failed:
                         raise
                     log.debug("stage %s: commit while failing", self.node.name, exc_info=True)
                 finally:
                     for partition in list(self.table.partitions):
-                        await self._close_partition(partition)
+                        await rebalance.close_partition(self, partition)
                     await t.stop()
         return stats
 
@@ -440,7 +439,7 @@ class StageWorker:
 
     # -- rebalance -------------------------------------------------------------------------
 
-    def _fail(self, exc: BaseException, what: str) -> None:
+    def fail(self, exc: BaseException, what: str) -> None:
         """Keep an error raised in a rebalance callback for the loop to raise."""
         if self._fatal is None:
             self._fatal = exc
@@ -455,134 +454,18 @@ class StageWorker:
             await self.transport.rewind(tp.partition)
         # Not ours any more: its new owner starts from the committed offset.
 
-    async def _on_assigned(self, assigned: set[Any]) -> None:
-        """Restore each new partition's table before any of its records is handled."""
-        if self._fatal is not None or self._stopping:
-            return  # a fenced, failed or stopping worker takes nothing new
-        stats = self.stats
-        before = stats.state
-        try:
-            # The lock keeps the fetch loop out until every table is restored: records of a
-            # partition whose table is not ready yet must not be fetched and dropped.
-            async with self._lock:
-                if self._stopping:
-                    return
-                stats.state = "restoring"
-                taken = []
-                for tp in sorted(assigned):
-                    if tp.partition not in self.table.partitions:
-                        await self.transport.claim(tp.partition)
-                        await self.restore(tp.partition)
-                        taken.append(tp.partition)
-                if self.guard.enabled and taken:
-                    read_from = await self.transport.read_from(taken)
-                    marks = self.guard.taken(read_from)
-                    await self.commits.commit({p: o for p, (o, _) in read_from.items()}, marks)
-                if before == "paused":
-                    self.transport.pause()  # new partitions wait out the pause too
-                stats.state = before if before in ("paused", "probing") else "running"
-        except Exception as exc:  # aiokafka would log it and go on with a half-built state
-            self._fail(exc, "taking over partitions")
-            return
-        if self.gate is not None and self.node.lane is not None:
-            self.gate.ready(self.node.lane)
-        log.info("stage %s: partitions assigned: %s", self.node.label, _fmt(assigned))
+    async def _on_assigned(self, partitions: set[Any]) -> None:
+        await rebalance.assigned(self, partitions)
+
+    async def _on_revoked(self, partitions: set[Any]) -> None:
+        await rebalance.revoked(self, partitions)
 
     async def _lost(self, partition: int) -> None:
-        """Its transaction was lost: rebuild its state; it is read again from the log."""
-        self.table.close(partition)
-        await self.restore(partition)
+        await rebalance.lost(self, partition)
 
     async def restore(self, partition: int) -> None:
-        table, start = self.table.open(partition)
-        began, now, n = time.monotonic(), now_ms(), 0
-        async for key, value in self.transport.restore(partition, start):
-            table.apply(key, value, now)
-            n += 1
-            if n % _RESTORE_LOG_EVERY == 0:
-                log.info(
-                    "stage %s: restoring partition %d: %d records", self.node.name, partition, n
-                )
-        seconds = time.monotonic() - began
-        self.gauges()
-        self.stats.restored += n
-        self.stats.restore_seconds += seconds
-        if n:
-            log.info(
-                "stage %s: restored partition %d from its changelog: %d records in %.2fs",
-                self.node.name, partition, n, seconds,
-            )  # fmt: skip
-
-    async def _on_revoked(self, revoked: set[Any]) -> None:
-        """Before partitions move: finish what we hold, make it durable, commit, drop state.
-
-        Under exactly-once the current positions are committed once more, in a transaction
-        per partition: a zombie (fenced by the instance that took its partitions while it was
-        silent) finds out here, even when it had nothing new to commit, and stops.
-        """
-        try:
-            async with self._lock:
-                gone = {tp.partition for tp in revoked}
-                commits = self.commits
-                try:
-                    try:
-                        await commits.settle()
-                        if self._lanes is not None:
-                            await self._lanes.wait_idle()
-                            await commits.flush_finished()
-                        if self._fatal is None:
-                            await self._clean_marks(gone)
-                    except BrokerError as exc:
-                        if not exc.retriable:
-                            raise
-                        # The broker is down or moving: what was not committed is dropped;
-                        # whoever owns the partitions next reads them from the committed offset.
-                        log.warning(
-                            "stage %s: the commit before giving up partitions failed (%s); "
-                            "they are read again from their committed offsets",
-                            self.node.name, exc,
-                        )  # fmt: skip
-                        commits.abandon()
-                        for partition in gone:
-                            self.transport.discard(partition)
-                    self.handler.holds.drop(gone)
-                    self.stats.held = len(self.handler.holds.held)
-                finally:
-                    commits.forget(gone)
-                    self.guard.forget(gone)
-                    for partition in gone:
-                        await self._close_partition(partition)
-        except Exception as exc:  # aiokafka would log and swallow it, and rejoin
-            self._fail(exc, "giving up partitions")
-            return
-        log.info("stage %s: partitions revoked: %s", self.node.name, _fmt(revoked))
-
-    async def _clean_marks(self, partitions: set[int]) -> None:
-        """Commit ``partitions`` once more, saying that no record of them is in hand (see
-        :mod:`pipeline.runtime.crashes`). Under exactly-once this is also the commit in a
-        transaction that tells a zombie it was fenced, even with nothing new to commit."""
-        offsets = {p: o for p, o in self.commits.committed.items() if p in partitions}
-        marks = self.guard.clean(offsets) if self.guard.enabled else None
-        if self.exactly_once:
-            await self.transport.commit(offsets, {}, marks)
-        elif offsets and marks is not None:
-            try:
-                await self.commits.commit(offsets, marks)
-            except BrokerError as exc:  # the next owner suspects a death: a few more commits
-                log.warning("stage %s: could not mark a clean stop: %s", self.node.name, exc)
-
-    async def _close_partition(self, partition: int) -> None:
-        if partition not in self.table.partitions:
-            return
-        if self.table.stores.persistent and self._fatal is None:
-            try:
-                self.table.saved(partition, await self.transport.state_end(partition))
-            except BrokerError as exc:  # no checkpoint: the next restore reads more, that is all
-                log.debug(
-                    "stage %s: no checkpoint for partition %d: %s", self.node.name, partition, exc
-                )
-        self.table.close(partition)
-        await self.transport.release(partition)
+        """Rebuild ``partition``'s state table from its changelog."""
+        await rebalance.restore(self, partition)
 
 
 def _lane_room(concurrency: int) -> int:
@@ -603,7 +486,3 @@ def _observe(stats: StageStats, batches: Mapping[Any, list[Any]], began: float) 
         stamp = msgs[-1].timestamp
         if stamp and stamp > 0:
             stats.latency_seconds.observe(max(0.0, now - stamp) / 1000, len(msgs))
-
-
-def _fmt(tps: set[Any]) -> str:
-    return ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(tps)) or "none"

@@ -170,6 +170,8 @@ class JobClient:
         writer: The publisher's writer identity (see :class:`~pipeline.publish.Publisher`).
         remember: How many ended jobs of this client are kept for :meth:`result` calls made
             after the end arrived.
+        lane: For a pipeline with priority lanes: the lane (topic) jobs go to (default: the
+            heaviest).
 
     Example:
         >>> async with JobClient(bootstrap, orders) as jobs:          # doctest: +SKIP
@@ -185,6 +187,7 @@ class JobClient:
         *,
         writer: str | bytes | None = None,
         remember: int = 100_000,
+        lane: str | None = None,
     ) -> None:
         if pipeline.jobs is None or not pipeline.stages:
             raise DefinitionError(
@@ -195,7 +198,10 @@ class JobClient:
         self.topics = pipeline.jobs
         self._bootstrap = bootstrap
         codec = pipeline.schemas.codec(pipeline.stages[0].input)
-        self._publisher = Publisher(bootstrap, pipeline.source, codec, pipeline.key, writer=writer)
+        topic = (
+            pipeline.node(pipeline.stages[0].name, lane).input_topic if lane else pipeline.source
+        )
+        self._publisher = Publisher(bootstrap, topic, codec, pipeline.key, writer=writer)
         args = connection(bootstrap).client_args()
         self._producer = AIOKafkaProducer(**args, acks="all", enable_idempotence=True)
         self._replies = AIOKafkaConsumer(

@@ -72,3 +72,16 @@ def test_a_pipeline_without_jobs_has_no_job_topics() -> None:
     driver.run()
     with pytest.raises(PipelineError, match="does not track jobs"):
         driver.job("x")
+
+
+async def test_a_job_client_publishes_to_the_lane_it_is_given() -> None:
+    from pipeline import DefinitionError, JobClient
+    from tests.unit import test_priority
+
+    p = test_priority.build().with_jobs()
+    assert JobClient("127.0.0.1:9", p)._publisher.topic == "orders.high"
+    assert JobClient("127.0.0.1:9", p, lane="orders.low")._publisher.topic == "orders.low"
+    with pytest.raises(DefinitionError, match="has no lane"):
+        JobClient("127.0.0.1:9", p, lane="orders.none")
+    with pytest.raises(DefinitionError, match="does not track jobs"):
+        JobClient("127.0.0.1:9", test_priority.build())

@@ -47,7 +47,9 @@ async def assigned(worker: StageWorker, assigned: set[Any]) -> None:
             if worker.guard.enabled and taken:
                 read_from = await worker.transport.read_from(taken)
                 marks = worker.guard.taken(read_from)
-                await worker.commits.commit({p: o for p, (o, _) in read_from.items()}, marks)
+                origin = {p: o for p, (o, _) in read_from.items()}
+                await worker.commits.commit(origin, marks)
+                worker.taken_at.update(origin)  # (not handled yet while still committed here)
             if before == "paused":
                 worker.transport.pause()  # new partitions wait out the pause too
             stats.state = before if before in ("paused", "probing") else "running"

@@ -124,6 +124,7 @@ class StageWorker:
         self.recovery_streak, self.last_recovery = 0, 0.0  # see pipeline.runtime.recovery
         self._in_batch = 0  # inline: records of the batch being handled
         self._stopping = False
+        self.taken_at: dict[int, int] = {}  # where each partition was read from when taken
 
     async def run(self, stop: asyncio.Event) -> StageStats:
         """Process until ``stop`` is set, then finish in-flight records, commit and leave."""
@@ -253,9 +254,11 @@ class StageWorker:
             # A restarted stage has the same gap in its other partitions, most likely: name
             # them all (those it has not handled since it took them; their commit is its
             # position).
+            committed, taken_at = self.commits.committed, self.taken_at
             others = [
                 tp.partition for tp in self.transport.assignment()
-                if tp.partition != gone.partition and tp.partition not in self.commits.committed
+                if tp.partition != gone.partition
+                and committed.get(tp.partition, -1) == taken_at.get(tp.partition, -1)
             ]  # fmt: skip
             raise combined([gone, *await self.transport.out_of_range(others)])
         offset, skipped = self.offset_reset.seek_to(gone)

@@ -20,7 +20,7 @@ demo: $(BIN)/.installed
 
 ## Everything CI checks: lint, types, unit and integration tests against a real broker.
 test: $(BIN)/.installed lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 ## Fast loop: unit tests only (no broker).
 test-unit: $(BIN)/.installed

@@ -49,6 +49,13 @@ def up(
         Path | None, typer.Option(help="Where each instance logs (default: PIPELINE_HOME/up).")
     ] = None,
     shutdown_timeout: Annotated[float, typer.Option(help="Seconds to drain on stop.")] = 30.0,
+    session_timeout_ms: Annotated[
+        int | None,
+        typer.Option(
+            help="Group session timeout of every stage: how soon the group gives a dead "
+            "process's partitions to its restarted self (default: pipeline run's)."
+        ),
+    ] = None,
 ) -> None:
     """Run every stage (and a replica of every schedule, and the job callbacks of a pipeline
     that tracks jobs) as its own OS process, restarted when it dies, drained on Ctrl-C."""
@@ -56,10 +63,12 @@ def up(
     stages = [s.name for s in pipeline.stages]
     schedules = [s.name for s in pipeline.schedules]
     where = logs or Settings().home / "up" / pipeline.name
+    timeout = [] if session_timeout_ms is None else [f"--session-timeout-ms={session_timeout_ms}"]
     sup = Supervisor(
         ref, stages, bootstrap_address(bootstrap), logs=where,
         scale=_scale(scale or [], stages + schedules), shutdown_timeout=shutdown_timeout,
         schedules=schedules, callbacks=pipeline.jobs is not None,
+        extra=timeout,
     )  # fmt: skip
     out.print(f"pipeline {pipeline.name}: {len(sup.instances)} processes, logs in {where}")
     for inst in sup.instances:

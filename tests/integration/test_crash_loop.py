@@ -57,7 +57,8 @@ async def test_a_record_that_exits_its_worker_ends_as_crash_loop_and_the_rest_fl
     with log.open("wb") as err:
         up = subprocess.Popen(  # noqa: ASYNC220 (a child that outlives this call)
             [sys.executable, "-m", "pipeline.cli", "up", REF, "--bootstrap", kafka_bootstrap,
-             "--logs", str(tmp_path / "logs"), "--shutdown-timeout", "15"],
+             "--logs", str(tmp_path / "logs"), "--shutdown-timeout", "15",
+             "--session-timeout-ms", "6000"],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
         try:

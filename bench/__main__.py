@@ -245,45 +245,14 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                 ),
                 topics,
             )
-        if ops_overhead.NAME in args.only:
-            await ops_overhead.run(
-                bootstrap,
-                broker,
-                ops_overhead.Config(
-                    records=args.records,
-                    partitions=args.partitions,
-                    keys=args.keys,
-                    repeat=args.repeat,
-                    results=args.results,
-                ),
-                topics,
-            )
-        if priority.NAME in args.only:
-            await priority.run(
-                bootstrap,
-                broker,
-                priority.Config(
-                    records=args.records,
-                    partitions=args.partitions,
-                    keys=args.keys,
-                    repeat=args.repeat,
-                    results=args.results,
-                ),
-                topics,
-            )
-        if crash_guard.NAME in args.only:
-            await crash_guard.run(
-                bootstrap,
-                broker,
-                crash_guard.Config(
-                    records=args.records,
-                    partitions=args.partitions,
-                    keys=args.keys,
-                    repeat=args.repeat,
-                    results=args.results,
-                ),
-                topics,
-            )
+        # One stage against itself with one thing changed, over --records: the same knobs.
+        for pair in (ops_overhead, crash_guard, priority):
+            if pair.NAME in args.only:
+                config = pair.Config(
+                    records=args.records, partitions=args.partitions, keys=args.keys,
+                    repeat=args.repeat, results=args.results,
+                )  # fmt: skip
+                await pair.run(bootstrap, broker, config, topics)
     finally:
         if not args.keep_topics:
             await topics.delete_all()

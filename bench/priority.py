@@ -53,32 +53,16 @@ async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics
             topics=topics, label=name,
         )  # fmt: skip
 
-    runs = await common.alternate(NAME, CONTENDERS, config.repeat, run_one)
-    summaries = {name: report.summarize(results) for name, results in runs.items()}
-    ratio = report.ratio(summaries, "low_lane", "plain")
-    doc = {
-        "benchmark": NAME,
-        "ratio": ratio,
-        "ratio_of_medians": report.ratio(summaries, "low_lane", "plain", "median"),
-        "targets": {"ratio_at_least_0.9": None if ratio is None else ratio >= 0.9},
-        "conditions": {
+    return await report.pair(
+        NAME, CONTENDERS, run_one, repeat=config.repeat, target=0.9, results=config.results,
+        title=f"{NAME}: {config.records:,} records, low lane only, best of {config.repeat}",
+        conditions={
             "records": config.records,
             "record_bytes_mean": round(common.record_bytes(store, keys=config.keys), 1),
             "partitions": config.partitions,
             "keys": config.keys,
-            "repeat": config.repeat,
             "broker": broker,
             "lanes": "Priority({empty high topic: 8, the loaded topic: 1})",
-            "timing": "first records received -> commit covering the last record",
             "load_average_1_5_15min_at_start": load_at_start,
-            **common.machine(),
         },
-        "contenders": summaries,
-    }
-    print()
-    title = f"{NAME}: {config.records:,} records, low lane only, best of {config.repeat}"
-    print(report.table(title, summaries, "plain"))
-    print(f"ratio low_lane/plain: {ratio}")
-    path = report.write(NAME, doc, config.results)
-    print(f"[{NAME}] results: {path}")
-    return doc
+    )  # fmt: skip

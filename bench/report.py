@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +98,43 @@ def finish(
     path = write(name, doc, directory)
     print(f"[{name}] results: {path}")
     return path
+
+
+async def pair(
+    name: str,
+    contenders: tuple[str, str],
+    run_one: Callable[[str], Awaitable[RunResult]],
+    *,
+    repeat: int,
+    target: float,
+    conditions: dict[str, Any],
+    title: str,
+    results: Path,
+) -> dict[str, Any]:
+    """Alternate two contenders (baseline first), then report ``candidate / baseline`` against
+    ``target``: the table, the ratio, ``results/<name>.json``; return the document."""
+    from bench.common import alternate, machine
+
+    baseline, candidate = contenders
+    runs = await alternate(name, contenders, repeat, run_one)
+    summaries = {contender: summarize(found) for contender, found in runs.items()}
+    value = ratio(summaries, candidate, baseline)
+    doc = {
+        "benchmark": name,
+        "ratio": value,
+        "ratio_of_medians": ratio(summaries, candidate, baseline, "median"),
+        "targets": {f"ratio_at_least_{target}": None if value is None else value >= target},
+        "conditions": {
+            **conditions,
+            "repeat": repeat,
+            "timing": "first records received -> commit covering the last record",
+            **machine(),
+        },
+        "contenders": summaries,
+    }
+    print()
+    print(table(title, summaries, baseline))
+    print(f"ratio {candidate}/{baseline}: {value}")
+    path = write(name, doc, results)
+    print(f"[{name}] results: {path}")
+    return doc

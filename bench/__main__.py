@@ -23,7 +23,6 @@ from bench import (
     delivery,
     ops_overhead,
     priority,
-    report,
     restore,
     security,
     stage_throughput,
@@ -151,7 +150,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cluster-records", type=_positive, default=k.records, help="cluster benchmark input"
     )
-    p.add_argument("--results", type=Path, default=report.RESULTS, help="where JSON goes")
+    p.add_argument("--results", type=Path, default=common.RESULTS, help="where JSON goes")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the topics")
     p.add_argument("-v", "--verbose", action="store_true", help="framework and client logs")
     return p.parse_args(argv)

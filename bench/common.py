@@ -33,6 +33,19 @@ from pipeline.record import SEQ_HEADER, decode_seq
 from pipeline.schema import SchemaStore
 from pipeline.security import Bootstrap, connection
 
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True, slots=True)
+class OneStage:
+    """The knobs of a benchmark that runs one stage over pre-loaded records."""
+
+    records: int = 200_000
+    partitions: int = 3
+    keys: int = 10_000
+    repeat: int = 3
+    results: Path = RESULTS
+
 
 class WarningTally(logging.Handler):
     """Counts the framework's warnings (a run's result reports them instead of the console)."""

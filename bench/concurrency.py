@@ -30,7 +30,7 @@ class Config:
     partitions: int = 3
     sleep_ms: float = 5.0
     concurrency: int = 64
-    results: Path = report.RESULTS
+    results: Path = common.RESULTS
 
 
 async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:

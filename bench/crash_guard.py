@@ -15,8 +15,6 @@ in tests/unit/test_crashes.py.
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Any
 
 from bench import common, report, workload
@@ -26,13 +24,7 @@ NAME = "crash_guard"
 CONTENDERS = ("unguarded", "guarded")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Config:
-    records: int = 200_000
-    partitions: int = 3
-    keys: int = 10_000
-    repeat: int = 3
-    results: Path = report.RESULTS
+Config = common.OneStage
 
 
 async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:

@@ -54,7 +54,7 @@ KEY_BYTES, ID_BYTES = 10, 16
 class Config:
     keys: int = 1_000_000
     batch: int = 2_000  # take_dirty() every this many records (one commit)
-    results: Path = report.RESULTS
+    results: Path = common.RESULTS
 
 
 def run(config: Config) -> dict[str, Any]:

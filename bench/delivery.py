@@ -40,7 +40,7 @@ class Config:
     big_fetch: int | None = 10_000  # also run EOS with this many records per fetch (None: no)
     dedup: bool = False  # also run both modes with the default dedup policy
     profile: str = "auto"  # "auto": profile an EOS run when below target; "always"; "never"
-    results: Path = report.RESULTS
+    results: Path = common.RESULTS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -14,8 +14,6 @@ records each carry a W3C ``traceparent``, in the same run, runs alternating:
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Any
 
 from bench import common, report, workload
@@ -25,13 +23,7 @@ NAME = "ops_overhead"
 CONTENDERS = ("stage", "stage_ops")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Config:
-    records: int = 200_000
-    partitions: int = 3
-    keys: int = 10_000
-    repeat: int = 3
-    results: Path = report.RESULTS
+Config = common.OneStage
 
 
 async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:

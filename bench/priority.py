@@ -15,8 +15,6 @@ tests/integration/test_priority.py, which can tell the lanes' records apart.
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Any
 
 from bench import common, report, workload
@@ -27,13 +25,7 @@ NAME = "priority"
 CONTENDERS = ("plain", "low_lane")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Config:
-    records: int = 200_000
-    partitions: int = 3
-    keys: int = 10_000
-    repeat: int = 3
-    results: Path = report.RESULTS
+Config = common.OneStage
 
 
 async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:

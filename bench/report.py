@@ -8,9 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import RunResult
-
-RESULTS = Path(__file__).parent / "results"
+from bench.common import RESULTS, RunResult
 
 
 def summarize(runs: Sequence[RunResult]) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class Config:
     stores: tuple[str, ...] = STORES
     all_partitions: bool = True  # the informational one-consumer read
     apply_timing: bool = True  # the informational in-process apply timing
-    results: Path = report.RESULTS
+    results: Path = common.RESULTS
 
 
 async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import common, report
+from bench import common
 from bench.contenders.stage import compare_targets
 from pipeline.broker.local import LocalBroker
 from pipeline.broker.secure import BrokerSecurity
@@ -39,7 +39,7 @@ class Config:
     partitions: int = 3
     keys: int = 10_000
     repeat: int = 3
-    results: Path = report.RESULTS
+    results: Path = common.RESULTS
 
 
 async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:

@@ -44,7 +44,7 @@ class Config:
     faust_records: int | None = None  # None: all records
     warmup: bool = True  # one untimed aiokafka_avro pass first
     profile: str | None = None  # a framework contender to profile once, with pyinstrument
-    results: Path = report.RESULTS
+    results: Path = common.RESULTS
 
 
 async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics) -> dict[str, Any]:

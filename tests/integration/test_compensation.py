@@ -5,9 +5,6 @@ nothing twice."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from pipeline import Publisher, SchemaStore
@@ -15,16 +12,10 @@ from pipeline.runtime.topics import ensure_topics, topic_specs
 from pipeline.testing import Names
 from tests.integration.apps import saga
 from tests.integration.apps.chain import EVENT, SCHEMAS
-from tests.integration.helpers import ROOT, StageProcess, TopicReader
+from tests.integration.dlq_helpers import cli
+from tests.integration.helpers import StageProcess, TopicReader
 
 REF = "tests.integration.apps.saga:build"
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env={**os.environ, **env},
-        capture_output=True, text=True, check=False, timeout=120,
-    )  # fmt: skip
 
 
 async def test_earlier_steps_undo_a_dead_lettered_job_once_in_reverse_order(

@@ -23,17 +23,11 @@ from pipeline.jobs import read_status
 from pipeline.runtime.topics import ensure_topics, topic_specs
 from pipeline.testing import Names
 from tests.integration.apps import jobsapp
+from tests.integration.dlq_helpers import cli
 from tests.integration.helpers import ROOT, StageProcess
 
 REF = "tests.integration.apps.jobsapp:build"
 STAGES = ("enter", "check", "finish")
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env={**os.environ, **env},
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
 
 
 def job_status(ref: str, job: str, bootstrap: str, env: dict[str, str]) -> dict[str, object]:

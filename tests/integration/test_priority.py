@@ -5,9 +5,6 @@ order within its lane; dead letters stay in their lane and replay to it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,7 +13,8 @@ from pipeline.runtime.topics import ensure_topics, topic_specs
 from pipeline.testing import Names
 from tests.integration.apps import lanes
 from tests.integration.apps.chain import EVENT, SCHEMAS
-from tests.integration.helpers import ROOT, StageProcess, TopicReader
+from tests.integration.dlq_helpers import cli
+from tests.integration.helpers import StageProcess, TopicReader
 
 REF = "tests.integration.apps.lanes:build"
 PER_LANE = 50_000
@@ -96,10 +94,3 @@ async def test_dead_letters_stay_in_their_lane_and_replay_to_it(
             assert out.distinct() == 10
     finally:
         proc.terminate()
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env={**os.environ, **env},
-        capture_output=True, text=True, check=False, timeout=120,
-    )  # fmt: skip

@@ -136,3 +136,7 @@ def customer_table(name: str, store: SchemaStore) -> CustomerTable:
 
 #: ``pipeline run examples.orders.pipeline:pipeline --stage NAME``
 pipeline = build()
+
+#: The same pipeline, tracking jobs: ``pipeline jobs submit examples.orders.pipeline:tracked``
+#: (each stage also reports the records that carry a job id; the others cost nothing more).
+tracked = pipeline.with_jobs()

@@ -20,8 +20,8 @@ owner died with records of that range in hand: one more death for each of them.
 Such a range is *suspect*; the new owner handles it with a mark committed before each chunk:
 
 1. first evidence (one death; most often an unrelated kill, e.g. a deployment's SIGKILL):
-   chunks of 1, 2, 4, ... records, a few extra commits, and each chunk that dies is read back
-   as a narrower range with one more death;
+   chunks of 1, 2, 4, ... up to 64 records, and each chunk that dies is read back as a narrower
+   range with one more death;
 2. repeated evidence (two deaths or more): one record per chunk, a commit before each, until
    the range is passed;
 3. a single record with ``max_deliveries`` deaths is dead-lettered (error class ``CrashLoop``)
@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PREFIX = "pipeline.crash/1"
+#: The largest chunk of a suspect range: a chunk that dies is handled one record at a time next
+#: (a commit each, a transaction under exactly-once), so chunks stay small; the range itself is
+#: about two fetches, so that is a few hundred marks after a death, not one per record.
+MAX_CHUNK = 64
 
 
 class CrashLoop(Exception):  # named as the error class operators see: "CrashLoop"
@@ -219,7 +223,7 @@ class CrashGuard:
             if first >= s.chunk_end:  # a new chunk: its mark is durable before any call
                 s.chunk_end = min(first + s.chunk, s.end)
                 if s.deaths == 1:
-                    s.chunk *= 2
+                    s.chunk = min(2 * s.chunk, MAX_CHUNK)
                 if not await mark(partition, first, Mark(s.chunk_end, s.deaths, True).encode()):
                     # A held record comes first (the breaker): the rest of the range is one
                     # chunk, handled as usual under the ordinary commits' live marks.

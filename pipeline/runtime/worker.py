@@ -108,10 +108,11 @@ class StageWorker:
         )
         self.commits = Commits(transport, self.table, self.stats, self.handler.holds, self._lost)
         # Deliveries across restarts (see pipeline.runtime.crashes): the window holds what a
-        # worker may have in hand between two commits, with room to spare.
+        # worker may have in hand between two commits (records, and as many transaction
+        # markers at most between them).
         concurrency = node.stage.concurrency
         in_hand = batching.max_records + (_lane_room(concurrency) if concurrency > 1 else 0)
-        self.guard = CrashGuard(node.stage.crash, 4 * in_hand, node.name)
+        self.guard = CrashGuard(node.stage.crash, 2 * in_hand, node.name)
         if self.guard.enabled:
             self.commits.marker = self.guard.marks
         self._lock = asyncio.Lock()  # held while a batch is between fetch and commit

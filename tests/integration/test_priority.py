@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from pipeline import Publisher, SchemaStore
 from pipeline.runtime.topics import ensure_topics, topic_specs
@@ -20,14 +21,18 @@ REF = "tests.integration.apps.lanes:build"
 PER_LANE = 50_000
 
 
+async def lanes_pipeline(bootstrap: str, names: Names) -> tuple[str, dict[str, str], Any, Any]:
+    """A lanes pipeline of this test's own, its topics created: name, env, pipeline, codec."""
+    name = names.pipeline()
+    p = lanes.build(name)
+    await ensure_topics(bootstrap, topic_specs(p))
+    return name, {"LANES_PIPELINE": name}, p, SchemaStore.from_directory(SCHEMAS).codec(EVENT)
+
+
 async def test_a_backlog_on_both_lanes_gives_the_heavy_lane_8_of_9(
     kafka_bootstrap: str, names: Names, tmp_path: Path
 ) -> None:
-    name = names.pipeline()
-    env = {"LANES_PIPELINE": name}
-    p = lanes.build(name)
-    await ensure_topics(kafka_bootstrap, topic_specs(p))
-    codec = SchemaStore.from_directory(SCHEMAS).codec(EVENT)
+    name, env, p, codec = await lanes_pipeline(kafka_bootstrap, names)
     for lane in ("high", "low"):  # the backlog, before the stage starts
         async with Publisher(kafka_bootstrap, f"{name}.{lane}", codec, "key") as pub:
             await pub.publish_many(
@@ -57,11 +62,7 @@ async def test_a_backlog_on_both_lanes_gives_the_heavy_lane_8_of_9(
 async def test_dead_letters_stay_in_their_lane_and_replay_to_it(
     kafka_bootstrap: str, names: Names, tmp_path: Path
 ) -> None:
-    name = names.pipeline()
-    env = {"LANES_PIPELINE": name}
-    p = lanes.build(name)
-    await ensure_topics(kafka_bootstrap, topic_specs(p))
-    codec = SchemaStore.from_directory(SCHEMAS).codec(EVENT)
+    name, env, p, codec = await lanes_pipeline(kafka_bootstrap, names)
     async with Publisher(kafka_bootstrap, f"{name}.low", codec, "key") as pub:
         await pub.publish_many(
             {"key": f"k{n}", "n": n, "hops": 0, "payload": "poison" if n == 3 else ""}

@@ -10,7 +10,8 @@ Compose them like any stage: ``Pipeline(...) | validate(...) | enrich(...) | rou
 - :mod:`stages.route`: content-based routing (a tagging stage plus per-route branches).
 - :mod:`stages.window`: tumbling event-time windows, counted and summed per key.
 - :mod:`stages.throttle`: rate limits per instance or per key.
-- :mod:`stages.http` and :mod:`stages.io`: an HTTP client and a stage that POSTs records.
+- :mod:`stages.http` and :mod:`stages.io`: an HTTP client (on aiohttp) and a stage that POSTs
+  records.
 - :mod:`stages.testing`: a simulated clock and an HTTP stub for tests.
 
 Example:

@@ -1,11 +1,12 @@
-"""A small asyncio HTTP/1.1 client for I/O stages, on the standard library only.
+"""An asyncio HTTP client for I/O stages, on aiohttp.
 
 It does what a stage calling a JSON endpoint needs and no more: ``POST`` (or any method) with
-a body, keep-alive connections pooled per host, ``Content-Length`` and chunked responses,
-one timeout over connect + send + receive, ``https`` through :mod:`ssl`. No redirects, no
-cookies, no proxies. Failures are :class:`~pipeline.errors.StageError` subclasses, so a stage
-can let them propagate and the worker retries or dead-letters as their ``retriable`` flag
-says:
+a body, keep-alive connections pooled per host (an :class:`aiohttp.ClientSession` per event
+loop), one timeout over the whole request (connect, send, read the whole response),
+``https`` with an optional :class:`ssl.SSLContext`, a limit on the response body. No
+redirects, no cookies, no proxies from the environment. Failures are
+:class:`~pipeline.errors.StageError` subclasses, so a stage can let them propagate and the
+worker retries or dead-letters as their ``retriable`` flag says:
 
 - :class:`HttpUnavailable` (retriable): no connection, a timeout, a broken response;
 - :class:`HttpServerError` (retriable): a 5xx, or 408 / 425 / 429 ("try again later");
@@ -26,16 +27,17 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import SimpleNamespace, TracebackType
 from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
 
 from pipeline.errors import ConfigError, StageError
-from stages._http1 import StaleConnection, Target, encode_head, exchange, parse_url
 
 __all__ = [
     "RETRIABLE_STATUSES",
@@ -52,8 +54,8 @@ __all__ = [
 #: Statuses besides 5xx that mean "try again later".
 RETRIABLE_STATUSES = frozenset({408, 425, 429})
 
-_IDLE_PER_HOST = 32
 _USER_AGENT = "kafka-pipeline-stages/1"
+_READ_CHUNK = 64 * 1024
 
 
 class HttpError(StageError):
@@ -88,7 +90,7 @@ class HttpResponse:
         status: The status code.
         reason: The reason phrase.
         headers: Header names in lower case; the last value of a repeated header.
-        body: The body, de-chunked.
+        body: The body, de-chunked (and decompressed if the server compressed it).
 
     Example:
         >>> HttpResponse(200, "OK", {}, b'{"id": 7}').json()
@@ -152,25 +154,50 @@ def check_url(url: str) -> str:
         ...
         pipeline.errors.ConfigError: URL 'ftp://example.com/x' is not an http:// or https:// ...
     """
-    parse_url(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port that is not a number in range raises here
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"URL {url!r} is not valid: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"URL {url!r} is not an http:// or https:// URL with a host")
     return url
 
 
-_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+def _check_headers(headers: Mapping[str, str]) -> None:
+    for name, value in headers.items():
+        if not name or any(c in name for c in ":\r\n ") or any(c in value for c in "\r\n"):
+            raise ConfigError(f"HTTP header {name!r}: {value!r} is not a valid header")
+
+
+class _Attempt:
+    """What the session's trace hooks learn about one attempt of a request."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
 
 
 class HttpClient:
-    """An HTTP/1.1 client with keep-alive connections pooled per host.
+    """An HTTP client with keep-alive connections pooled per host, on :mod:`aiohttp`.
 
-    One client serves one event loop at a time; used from a new loop (a new ``asyncio.run``)
-    it drops the old loop's connections and opens new ones. Pooled connections are closed by
-    :meth:`close`, leaving ``async with``, or, failing those, when the loop shuts down.
+    One client serves one event loop at a time: its :class:`aiohttp.ClientSession` is made
+    on first use in a loop, and used from a new loop (a new ``asyncio.run``) the client makes
+    a new one. Pooled connections are closed by :meth:`close`, leaving ``async with``, or,
+    failing those, when the loop shuts down (so a stage's client needs no explicit close).
 
     Args:
-        timeout: Seconds for one request: connect, send, and read the whole response.
+        timeout: Seconds for one request: waiting for a pooled connection, connect, send,
+            and read the whole response.
         headers: Headers sent with every request.
         max_body: Largest response body accepted, in bytes.
-        ssl_context: For ``https`` (default: :func:`ssl.create_default_context`).
+        ssl_context: For ``https`` (default: the system's trusted CAs, hostname checked).
+        max_connections: Connections open at once to one host; a request beyond waits for
+            one (within its timeout).
+
+    Attributes:
+        connections_opened: Connections opened so far (the rest were reused).
 
     Example:
         >>> HttpClient(timeout=2).timeout
@@ -184,16 +211,24 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         max_body: int = 1 << 20,
         ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = 100,
     ) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise ConfigError(f"HttpClient: timeout must be a number > 0, got {timeout!r}")
         if max_body < 0:
             raise ConfigError(f"HttpClient: max_body must be >= 0, got {max_body!r}")
+        whole = isinstance(max_connections, int) and not isinstance(max_connections, bool)
+        if not whole or max_connections < 1:
+            raise ConfigError(
+                f"HttpClient: max_connections must be an integer >= 1, got {max_connections!r}"
+            )
         self.timeout = float(timeout)
         self.headers = dict(headers or {})
+        _check_headers(self.headers)
         self.max_body = max_body
+        self.max_connections = max_connections
         self._ssl = ssl_context
-        self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._guard: asyncio.Task[None] | None = None
         self.connections_opened = 0
@@ -207,15 +242,18 @@ class HttpClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the idle connections (the event loop's shutdown does it too)."""
-        idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for _, writer in conns:
-                writer.close()
-        for conns in idle.values():
-            for _, writer in conns:
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+        """Close the pooled connections (the event loop's shutdown does it too).
+
+        The client stays usable: a later request opens new connections.
+        """
+        session, guard = self._session, self._guard
+        self._session = self._guard = None
+        if self._loop is not asyncio.get_running_loop():
+            return  # another loop's session: that loop's shutdown closed it
+        if guard is not None:
+            guard.cancel()
+        if session is not None:
+            await session.close()
 
     async def post_json(
         self, url: str, payload: Any, *, headers: Mapping[str, str] | None = None
@@ -240,85 +278,113 @@ class HttpClient:
     ) -> HttpResponse:
         """Send one request; return the response, whatever its status.
 
-        A keep-alive connection that turns out to be closed by the server before any byte of
-        the response arrives is replaced by a new one once (the server never saw the request).
+        A pooled keep-alive connection that the server closed before answering (an idle
+        connection it timed out as the request went out) is replaced by a new one, once.
 
         Raises:
             HttpUnavailable: No connection, a timeout, or a malformed response.
-            ConfigError: ``url`` is not an http(s) URL.
+            ConfigError: ``url`` is not an http(s) URL, or a header is not valid.
         """
-        target = parse_url(url)
-        self._bind_loop()
+        check_url(url)
         merged = {"User-Agent": _USER_AGENT, **self.headers, **(headers or {})}
-        data = encode_head(method, target, len(body), merged) + body
+        _check_headers(merged)
+        session = self._session_of_this_loop()
         try:
-            async with asyncio.timeout(self.timeout):
-                while True:
-                    conn, reused = await self._connection(target)
-                    try:
-                        status, reason, got, payload, keep = await exchange(
-                            *conn, data, method, self.max_body
-                        )
-                    except StaleConnection:
-                        conn[1].close()
-                        if reused:
-                            continue  # the server had closed it while idle: a new one
-                        raise HttpUnavailable(
-                            f"{method} {url}: connection closed by the server"
-                        ) from None
-                    except BaseException:
-                        conn[1].close()
+            async with asyncio.timeout(self.timeout):  # over both tries of a stale connection
+                attempt = _Attempt()
+                try:
+                    return await self._exchange(session, method, url, body, merged, attempt)
+                except aiohttp.ServerDisconnectedError:
+                    if not attempt.reused:
                         raise
-                    if keep:
-                        self._release(target, conn)
-                    else:
-                        conn[1].close()
-                    return HttpResponse(status, reason, got, payload)
-        except TimeoutError:
-            raise HttpUnavailable(f"{method} {url}: no response within {self.timeout:g}s") from None
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                # The server had closed the pooled connection: once more, on a new one.
+                return await self._exchange(session, method, url, body, merged, _Attempt())
+        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
+            raise HttpUnavailable(f"{method} {url}: no response within {self.timeout:g}s") from exc
+        except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake
+            cause = exc.os_error
+            raise HttpUnavailable(f"{method} {url}: {type(cause).__name__}: {exc}") from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise HttpUnavailable(f"{method} {url}: connection closed by the server") from exc
+        except aiohttp.ClientResponseError as exc:  # not HTTP, or broken HTTP
+            detail = " ".join(exc.message.split())
+            raise HttpUnavailable(f"{method} {url}: malformed response: {detail}") from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise HttpUnavailable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _bind_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # connections of another loop cannot be used here
-            self._idle = {}
-            self._loop = loop
-            self._guard = loop.create_task(self._close_with_loop(), name="http-client-pool")
+    async def _exchange(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        attempt: _Attempt,
+    ) -> HttpResponse:
+        async with session.request(
+            method,
+            url,
+            data=body,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            allow_redirects=False,
+            trace_request_ctx=attempt,
+        ) as resp:
+            limit = self.max_body
+            too_large = f"{method} {url}: response body larger than {limit} bytes"
+            if resp.content_length is not None and resp.content_length > limit:
+                raise HttpUnavailable(too_large)
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise HttpUnavailable(too_large)
+                parts.append(chunk)
+            got = {name.lower(): value for name, value in resp.headers.items()}
+            return HttpResponse(resp.status, resp.reason or "", got, b"".join(parts))
 
-    async def _close_with_loop(self) -> None:
+    def _session_of_this_loop(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # another loop's connections cannot be used here
+            self._session = self._guard = None
+            self._loop = loop
+        if self._session is None or self._session.closed:
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_create_end.append(self._on_connection_created)
+            trace.on_connection_reuseconn.append(self._on_connection_reused)
+            connector = aiohttp.TCPConnector(
+                limit=0,  # no overall cap: one per host instead
+                limit_per_host=self.max_connections,
+                ssl=self._ssl if self._ssl is not None else True,
+            )
+            self._session = session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trace_configs=[trace],
+            )
+            self._guard = loop.create_task(self._close_with_loop(session), name="http-client")
+        return self._session
+
+    @staticmethod
+    async def _close_with_loop(session: aiohttp.ClientSession) -> None:
         """Wait until the event loop shuts down (which cancels this task); then close the
-        pooled connections, so a stage's client needs no explicit close in a stage process."""
+        session's pooled connections."""
         try:
             await asyncio.get_running_loop().create_future()
         finally:
-            for conns in self._idle.values():
-                for _, writer in conns:
-                    writer.close()
-            self._idle = {}
+            await session.close()
 
-    async def _connection(self, target: Target) -> tuple[_Conn, bool]:
-        idle = self._idle.get(target.origin)
-        while idle:
-            reader, writer = idle.pop()
-            if not writer.is_closing() and not reader.at_eof():
-                return (reader, writer), True
-            writer.close()
-        if target.scheme == "https":
-            context = self._ssl or ssl.create_default_context()
-            conn = await asyncio.open_connection(
-                target.host, target.port, ssl=context, server_hostname=target.host
-            )
-        else:
-            conn = await asyncio.open_connection(target.host, target.port)
+    async def _on_connection_created(
+        self, _session: aiohttp.ClientSession, _ctx: SimpleNamespace, _params: object
+    ) -> None:
         self.connections_opened += 1
-        return conn, False
 
-    def _release(self, target: Target, conn: _Conn) -> None:
-        idle = self._idle.setdefault(target.origin, [])
-        if len(idle) < _IDLE_PER_HOST:
-            idle.append(conn)
-        else:
-            conn[1].close()
+    @staticmethod
+    async def _on_connection_reused(
+        _session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: object
+    ) -> None:
+        if isinstance(ctx.trace_request_ctx, _Attempt):
+            ctx.trace_request_ctx.reused = True

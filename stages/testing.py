@@ -3,8 +3,8 @@
 - :class:`SimulatedClock` stands in for ``time.monotonic`` and ``asyncio.sleep`` in
   :func:`~stages.throttle.throttle` and :class:`~stages.throttle.RateLimiter`: sleeping moves
   the clock instead of waiting, so a test of a 1-record-a-second limit runs in microseconds.
-- :class:`HttpStub` is a real HTTP/1.1 server (keep-alive, ``Content-Length`` bodies) that
-  answers with a function of each request and records them, for tests of
+- :class:`HttpStub` is a real HTTP server on 127.0.0.1 (aiohttp's, keep-alive, optionally
+  ``https``) that answers with a function of each request and records them, for tests of
   :func:`~stages.io.http_post` without a network.
 
 Example:
@@ -22,14 +22,15 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from types import TracebackType
 from typing import Any
+
+from aiohttp import web
 
 __all__ = ["HttpStub", "SimulatedClock", "StubReply", "StubRequest"]
 
@@ -74,7 +75,7 @@ class SimulatedClock:
 
 @dataclass(frozen=True, slots=True)
 class StubRequest:
-    """A request the stub received.
+    """A request the stub received (``path`` with its query; header names in lower case).
 
     Example:
         >>> StubRequest("POST", "/x", {"content-type": "application/json"}, b'{"n": 1}').json()
@@ -111,20 +112,29 @@ class StubReply:
 
 Handler = Callable[[StubRequest], "StubReply | Awaitable[StubReply]"]
 
+#: Seconds that requests in progress get to finish when the stub stops.
+_STOP_GRACE = 1.0
+
 
 class HttpStub:
-    """An HTTP/1.1 server on 127.0.0.1 that answers with ``handler(request)``.
+    """An HTTP server on 127.0.0.1 that answers with ``handler(request)``.
+
+    It is :mod:`aiohttp`'s low-level web server; the stub adds the recording and the
+    :class:`StubReply` options. Leaving ``async with`` stops listening at once, gives requests
+    in progress up to a second to be answered, then closes every connection.
 
     Args:
-        port: Where to listen (default: a free port); give the port of a stopped stub to
-            bring a "dependency" back at the same address.
         handler: Returns (or awaits to) the :class:`StubReply` for each request. Default:
             ``200`` with an empty JSON object. A handler that raises, or returns something
             else, makes the stub answer ``500`` with the error in the body.
+        port: Where to listen (default: a free port); give the port of a stopped stub to
+            bring a "dependency" back at the same address.
+        ssl_context: A server-side context (with its certificate chain loaded) to serve
+            ``https``; the certificate must be valid for ``127.0.0.1``.
 
     Attributes:
         requests: Every request received, in arrival order.
-        connections: TCP connections accepted.
+        connections: TCP connections that carried a request.
 
     Example:
         >>> import asyncio
@@ -138,99 +148,88 @@ class HttpStub:
         (['/a', '/b'], 1)
     """
 
-    def __init__(self, handler: Handler | None = None, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        handler: Handler | None = None,
+        *,
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.handler: Handler = handler or (lambda _req: StubReply(200, {}))
         self.requests: list[StubRequest] = []
         self.connections = 0
         self.port = port  # 0: a free one, chosen on start
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._ssl = ssl_context
+        self._runner: web.ServerRunner | None = None
+        self._seen: set[object] = set()  # the transports that carried a request
 
     def url(self, path: str = "/") -> str:
         """The URL of ``path`` on the stub."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        scheme = "https" if self._ssl is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
 
     async def __aenter__(self) -> HttpStub:
+        # handler_cancellation: a client that hangs up (a timeout) cancels its request's
+        # delay instead of leaving it to run.
+        server = web.Server(self._handle, handler_cancellation=True)
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_STOP_GRACE)
+        await runner.setup()
         # reuse_address: a stub started again on the port of one that just stopped (a
         # dependency coming back) must not fail on sockets in TIME_WAIT.
-        self._server = await asyncio.start_server(
-            self._serve, "127.0.0.1", self.port, reuse_address=True
+        site = web.TCPSite(
+            runner, "127.0.0.1", self.port, ssl_context=self._ssl, reuse_address=True
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        self._seen.clear()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self.connections += 1
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.transport not in self._seen:
+            self._seen.add(request.transport)
+            self.connections += 1
+        received = StubRequest(
+            request.method,
+            request.raw_path,
+            {name.lower(): value for name, value in request.headers.items()},
+            await request.read(),
+        )
+        self.requests.append(received)
         try:
-            while True:
-                request = await _read_request(reader)
-                if request is None:
-                    return
-                self.requests.append(request)
-                try:
-                    reply = self.handler(request)
-                    if inspect.isawaitable(reply):
-                        reply = await reply
-                except Exception as exc:  # a broken handler answers 500, visibly
-                    reply = StubReply(500, {"stub handler failed": repr(exc)})
-                if not isinstance(reply, StubReply):
-                    reply = StubReply(500, {"stub handler returned": repr(reply)})
-                if reply.delay:
-                    await asyncio.sleep(reply.delay)
-                writer.write(_encode_reply(reply))
-                await writer.drain()
-                if reply.close:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
+            reply = self.handler(received)
+            if inspect.isawaitable(reply):
+                reply = await reply
+        except Exception as exc:  # a broken handler answers 500, visibly
+            reply = StubReply(500, {"stub handler failed": repr(exc)})
+        if not isinstance(reply, StubReply):
+            reply = StubReply(500, {"stub handler returned": repr(reply)})
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        return _response(reply)
 
 
-async def _read_request(reader: asyncio.StreamReader) -> StubRequest | None:
-    try:
-        line = await reader.readuntil(b"\r\n")
-    except asyncio.IncompleteReadError:
-        return None  # the client closed a keep-alive connection
-    method, path, _ = line.decode("latin-1").split(" ", 2)
-    headers: dict[str, str] = {}
-    while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return StubRequest(method, path, headers, body)
-
-
-def _encode_reply(reply: StubReply) -> bytes:
+def _response(reply: StubReply) -> web.Response:
     if isinstance(reply.body, bytes):
         body = reply.body
     else:
         body = b"" if reply.body is None else json.dumps(reply.body).encode()
-    try:
-        reason = HTTPStatus(reply.status).phrase
-    except ValueError:
-        reason = "Status"
-    headers = {"Content-Type": "application/json", **reply.headers}
+    response = web.Response(
+        status=reply.status,
+        body=body,
+        headers={"Content-Type": "application/json", **reply.headers},
+    )
     if reply.close:
-        headers["Connection"] = "close"
-    lines = [f"HTTP/1.1 {reply.status} {reason}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    lines += [f"Content-Length: {len(body)}", "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
+        response.force_close()
+    return response

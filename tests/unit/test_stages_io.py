@@ -1,14 +1,25 @@
-"""stages.io and stages.http against a local HTTP stub: ordering, retries, dead letters."""
+"""stages.io and stages.http against local HTTP servers: ordering, retries, timeouts, TLS."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import ipaddress
+import ssl
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from pipeline import ConfigError, DefinitionError, Pipeline, RetryPolicy, SchemaStore
 from pipeline.testing import TestDriver
@@ -159,73 +170,208 @@ async def test_a_limiter_paces_the_calls() -> None:
     assert clock.now() == pytest.approx(2.0)  # 10 waits of 0.2 s
 
 
-# -- the client on its own: response framing, keep-alive, errors -------------------------------
+# -- the client on its own: framing, body limit, keep-alive, TLS, errors -----------------------
+# aiohttp's own test server (aiohttp.test_utils.RawTestServer) answers where a test needs a
+# response the HttpStub does not make (chunked, slow, hung up).
+
+RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-async def raw_server(
-    respond: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-) -> tuple[asyncio.Server, str]:
-    server = await asyncio.start_server(respond, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x"
+@contextlib.asynccontextmanager
+async def raw_server(handler: RawHandler, **server_args: Any) -> AsyncIterator[str]:
+    """The URL of ``/x`` on an aiohttp test server answering with ``handler``."""
+    server = RawTestServer(handler)
+    await server.start_server(**server_args)  # (arguments of aiohttp.web.Server)
+    try:
+        yield str(server.make_url("/x"))
+    finally:
+        await server.close()
 
 
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1])
-        for line in head.split(b"\r\n")
-        if line.startswith(b"Content") and b"Length" in line
-    )
-    return await reader.readexactly(length)
+async def chunked(request: web.BaseRequest) -> web.StreamResponse:
+    await request.read()
+    response = web.StreamResponse()
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    await response.write(b'{"a":')
+    await response.write(b" 1}")
+    await response.write_eof()
+    return response
 
 
-async def test_chunked_and_connection_delimited_bodies() -> None:
-    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(
-            b"HTTP/1.1 100 Continue\r\n\r\n"
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b'5;ext=1\r\n{"a":\r\n3\r\n 1}\r\n0\r\nX-Trailer: t\r\n\r\n'
-        )
-        await writer.drain()
-        writer.close()
+async def test_chunked_bodies_and_the_body_limit() -> None:
+    async def sized(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(body=b"x" * 5000)
 
-    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 5000)
-        await writer.drain()
-        writer.close()
+    async def big_chunked(request: web.BaseRequest) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(5):
+            await response.write(b"x" * 1000)
+        await response.write_eof()
+        return response
 
     async with HttpClient(timeout=5, max_body=4096) as client:
-        server, url = await raw_server(chunked)
-        async with server:
+        async with raw_server(chunked) as url:
             assert (await client.post_json(url, {})).json() == {"a": 1}
-        server, url = await raw_server(until_close)
-        async with server:
-            with pytest.raises(HttpUnavailable, match="larger than 4096 bytes"):
-                await client.post_json(url, {})
-        client.max_body = 10_000
-        server, url = await raw_server(until_close)
-        async with server:
-            assert (await client.post_json(url, {})).body == b"x" * 5000
+        for handler in (sized, big_chunked):  # refused by Content-Length, or while reading
+            async with raw_server(handler) as url:
+                with pytest.raises(HttpUnavailable, match="larger than 4096 bytes"):
+                    await client.post_json(url, {})
+                client.max_body = 10_000
+                assert (await client.post_json(url, {})).body == b"x" * 5000
+                client.max_body = 4096
 
 
-async def test_a_pooled_connection_closed_by_the_server_is_replaced() -> None:
+async def test_one_timeout_covers_the_whole_response() -> None:
+    async def slow_body(request: web.BaseRequest) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"[1,")  # the status and headers arrive at once ...
+        await asyncio.sleep(1)  # ... the rest of the body too late
+        await response.write(b"2]")
+        return response
+
+    async with raw_server(slow_body) as url, HttpClient(timeout=0.2) as client:
+        with pytest.raises(HttpUnavailable, match=r"no response within 0.2s") as caught:
+            await client.post_json(url, {})
+    assert isinstance(caught.value.__cause__, TimeoutError)
+
+
+async def test_keep_alive_and_an_idle_connection_closed_by_the_server() -> None:
+    async with HttpStub() as stub, HttpClient(timeout=5) as client:
+        for i in range(3):
+            assert (await client.post_json(stub.url(), {"i": i})).ok
+    assert (stub.connections, client.connections_opened) == (1, 1)
+
+    async with (
+        HttpStub(lambda req: StubReply(200, close=True)) as stub,  # "Connection: close"
+        HttpClient(timeout=5) as client,
+    ):
+        for i in range(2):
+            assert (await client.post_json(stub.url(), {"i": i})).ok
+    assert (stub.connections, client.connections_opened) == (2, 2)
+
+    # A server that closes idle connections sooner than the client: each one is gone when
+    # the next request would use it, and the client opens a new one.
     served = []
 
-    async def once_per_connection(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        served.append(await read_request(r))
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await w.drain()
-        w.close()  # without saying "Connection: close": the client finds out on reuse
+    async def ok(request: web.BaseRequest) -> web.StreamResponse:
+        served.append(await request.read())
+        return web.Response(text="ok")
 
-    server, url = await raw_server(once_per_connection)
-    async with server, HttpClient(timeout=5) as client:
+    async with raw_server(ok, keepalive_timeout=0.01) as url, HttpClient(timeout=5) as client:
         for i in range(3):
             assert (await client.post_json(url, {"i": i})).text == "ok"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
     assert served == [b'{"i":0}', b'{"i":1}', b'{"i":2}']
     assert client.connections_opened == 3
+
+
+async def test_a_reused_connection_that_breaks_is_replaced_once() -> None:
+    """The race of an idle connection closed by the server as a request goes out."""
+    served: list[bytes] = []
+    answered: set[object] = set()
+
+    async def hang_up_on_reuse(request: web.BaseRequest) -> web.StreamResponse:
+        served.append(await request.read())
+        if request.transport in answered:
+            assert request.transport is not None
+            request.transport.close()  # no response at all
+        answered.add(request.transport)
+        return web.Response(text="ok")
+
+    async with raw_server(hang_up_on_reuse) as url, HttpClient(timeout=5) as client:
+        for i in range(3):
+            assert (await client.post_json(url, {"i": i})).text == "ok"
+    assert served == [b'{"i":0}', b'{"i":1}', b'{"i":1}', b'{"i":2}', b'{"i":2}']
+    assert client.connections_opened == 3
+
+    async def hang_up(request: web.BaseRequest) -> web.StreamResponse:
+        served.append(await request.read())
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response(text="never sent")
+
+    served.clear()
+    async with raw_server(hang_up) as url, HttpClient(timeout=5) as client:
+        with pytest.raises(HttpUnavailable, match="connection closed by the server"):
+            await client.post_json(url, {"i": 0})
+    assert served == [b'{"i":0}']  # a new connection that breaks is not tried again
+
+
+def test_one_client_serves_one_event_loop_after_another() -> None:
+    client = HttpClient(timeout=5)
+
+    async def call() -> int:
+        async with HttpStub() as stub:
+            return (await client.post_json(stub.url(), {})).status
+
+    assert asyncio.run(call()) == 200
+    assert asyncio.run(call()) == 200  # the first loop's pool closed with that loop
+    assert client.connections_opened == 2
+
+
+def self_signed(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a self-signed certificate for 127.0.0.1, and a client context
+    that trusts it (and nothing else)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stub")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / "cert.pem").write_bytes(cert_pem)
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return server, ssl.create_default_context(cadata=cert_pem.decode())
+
+
+async def test_https_with_an_ssl_context(tmp_path: Path) -> None:
+    server_tls, client_tls = self_signed(tmp_path)
+    async with HttpStub(
+        lambda req: StubReply(201, {"got": req.json()}), ssl_context=server_tls
+    ) as stub:
+        assert stub.url("/x").startswith("https://127.0.0.1:")
+        client = HttpClient(timeout=5, ssl_context=client_tls)
+        driver = await drain(
+            http_post("notify", stub.url("/x"), input=EVENT, client=client),
+            [("a", 1), ("a", 2), ("b", 3)],
+        )
+        assert (await client.post_json(stub.url("/x"), {"n": 4})).json() == {"got": {"n": 4}}
+        await client.close()
+
+        # Without the context, the system's CAs do not trust the stub: no request is sent.
+        async with HttpClient(timeout=5) as untrusting:
+            with pytest.raises(HttpUnavailable, match="certificate verify failed") as caught:
+                await untrusting.post_json(stub.url("/x"), {})
+    assert driver.stats["notify"].processed == 3
+    assert sorted(r.json()["n"] for r in stub.requests) == [1, 2, 3, 4]
+    assert stub.connections == client.connections_opened  # keep-alive over TLS as well
+    assert "SSLCertVerificationError" in str(caught.value)
+    assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorCertificateError)
 
 
 async def test_client_errors_are_clear() -> None:
@@ -234,16 +380,22 @@ async def test_client_errors_are_clear() -> None:
             await client.post_json("ftp://host/x", {})
         with pytest.raises(ConfigError, match="is not a valid header"):
             await client.post_json("http://127.0.0.1:1/", {}, headers={"X-A": "1\r\nX-B: 2"})
+        with pytest.raises(HttpUnavailable, match="ConnectionRefusedError") as caught:
+            async with HttpStub() as stub:
+                url = stub.url()  # nothing listens there once the stub has stopped
+            await client.post_json(url, {})
+        assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
 
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"SMTP ready\r\n\r\n")
+    # Not an HTTP server at all: a peer that greets in another protocol, then hangs up.
+    async def smtp_greeting(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mail.example.com ESMTP ready\r\n")
         await writer.drain()
         writer.close()
 
-    server, url = await raw_server(garbage)
-    async with server, HttpClient() as client:
-        with pytest.raises(HttpUnavailable, match="malformed status line"):
+    peer = await asyncio.start_server(smtp_greeting, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{peer.sockets[0].getsockname()[1]}/x"
+    async with peer, HttpClient() as client:
+        with pytest.raises(HttpUnavailable, match="malformed response: Bad status line"):
             await client.post_json(url, {})
     assert HttpServerError.retriable and not HttpClientError.retriable
 

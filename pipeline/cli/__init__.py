@@ -25,7 +25,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from pipeline.cli import acl, commands, dlq, jobs, kafka, status, up
+from pipeline.cli import acl, commands, dlq, faust, jobs, kafka, status, up
 from pipeline.cli.console import console
 from pipeline.errors import PipelineError
 
@@ -41,6 +41,7 @@ jobs.register(app)
 status.register(app)
 up.register(app)
 acl.register(app)
+faust.register(app)
 
 err = console(stderr=True)
 

@@ -39,6 +39,15 @@ def _scale(items: list[str], stages: list[str]) -> dict[str, int]:
     return scale
 
 
+def _known(names: list[str], stages: list[str]) -> set[str]:
+    unknown = [n for n in names if n not in stages]
+    if unknown:
+        raise ConfigError(
+            f"--faust {unknown[0]}: no stage '{unknown[0]}' (known: {', '.join(stages)})"
+        )
+    return set(names)
+
+
 def up(
     ref: Annotated[str, typer.Argument(metavar="MODULE:PIPELINE")],
     scale: Annotated[
@@ -56,6 +65,12 @@ def up(
             "process's partitions to its restarted self (default: pipeline run's)."
         ),
     ] = None,
+    faust: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--faust", help="Run this stage as an agent of a faust-streaming app (repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """Run every stage (and a replica of every schedule, and the job callbacks of a pipeline
     that tracks jobs) as its own OS process, restarted when it dies, drained on Ctrl-C."""
@@ -68,11 +83,12 @@ def up(
         ref, stages, bootstrap_address(bootstrap), logs=where,
         scale=_scale(scale or [], stages + schedules), shutdown_timeout=shutdown_timeout,
         schedules=schedules, callbacks=pipeline.jobs is not None,
-        extra=timeout,
+        extra=timeout, faust=_known(faust or [], stages),
     )  # fmt: skip
     out.print(f"pipeline {pipeline.name}: {len(sup.instances)} processes, logs in {where}")
     for inst in sup.instances:
-        kind = {"schedule": "schedule replica", "callbacks": "job callbacks"}.get(inst.helper)
+        kinds = {"schedule": "schedule replica", "callbacks": "job callbacks", "faust": "faust"}
+        kind = kinds.get(inst.helper)
         what = f"{kind}, log {inst.log}" if kind else f"{inst.url}/metrics"
         out.print(f"  {inst.name}: {what}", highlight=False)
     asyncio.run(_supervise(sup))
@@ -109,7 +125,7 @@ async def _line(instances: list[Instance]) -> str:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
         await asyncio.gather(*(ask(session, i) for i in instances if i.running and not i.helper))
     for inst in instances:
-        if inst.helper:  # no HTTP surface: a running schedule replica is ready to lead
+        if inst.helper:  # no HTTP surface (a running schedule replica is ready to lead)
             ready[inst.name] = inst.running
     parts, restarts = [], sum(i.restarts for i in instances)
     for stage in dict.fromkeys(i.stage for i in instances):

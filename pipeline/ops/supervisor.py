@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,9 @@ class Instance:
     next_start: float = 0.0
     last_exit: int | None = None
     history: list[int] = field(default_factory=list)  # exit codes, oldest first
-    helper: str = ""  # not a stage: "schedule" (a replica, --schedule), "callbacks" (jobs)
+    # not a framework worker: "schedule" (a replica, --schedule), "callbacks" (jobs),
+    # "faust" (the stage as a Faust agent, pipeline faust)
+    helper: str = ""
 
     @property
     def name(self) -> str:
@@ -84,6 +86,8 @@ class Supervisor:
         schedules: The pipeline's schedules to run replicas of (``scale`` counts them too; of
             all replicas of a schedule, one emits).
         callbacks: Run the pipeline's job callbacks (``pipeline jobs callbacks``) too.
+        faust: Stages to run as agents of a faust-streaming app (``pipeline faust``) instead
+            of framework workers (no HTTP surface; ``extra`` is not passed to them).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class Supervisor:
         stage_env: Mapping[str, Mapping[str, str]] | None = None,
         schedules: Sequence[str] = (),
         callbacks: bool = False,
+        faust: Collection[str] = (),
     ) -> None:
         self.ref = ref
         self.bootstrap = str(bootstrap)  # children resolve their security as the CLI does
@@ -115,6 +120,7 @@ class Supervisor:
             Instance(
                 stage, i, free_port(), logs / f"{stage}-{i}.log",
                 None if stats_dir is None else stats_dir / f"{stage}-{i}.json",
+                helper="faust" if stage in faust else "",
             )
             for stage in stages
             for i in range(scale.get(stage, 1))
@@ -142,11 +148,17 @@ class Supervisor:
                 "--bootstrap", self.bootstrap,
             ])  # fmt: skip
             return
-        cmd = [
-            sys.executable, "-m", "pipeline.cli", "run", self.ref, "--stage", inst.stage,
-            "--bootstrap", self.bootstrap, "--http", f"127.0.0.1:{inst.port}",
-            "--shutdown-timeout", str(self.shutdown_timeout), *self.extra,
-        ]  # fmt: skip
+        if inst.helper == "faust":
+            cmd = [
+                sys.executable, "-m", "pipeline.cli", "faust", self.ref, "--stage", inst.stage,
+                "--bootstrap", self.bootstrap,
+            ]  # fmt: skip
+        else:
+            cmd = [
+                sys.executable, "-m", "pipeline.cli", "run", self.ref, "--stage", inst.stage,
+                "--bootstrap", self.bootstrap, "--http", f"127.0.0.1:{inst.port}",
+                "--shutdown-timeout", str(self.shutdown_timeout), *self.extra,
+            ]  # fmt: skip
         if inst.stats_file is not None:
             cmd += ["--stats-file", str(inst.stats_file)]
         self._spawn(inst, cmd)

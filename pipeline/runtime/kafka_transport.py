@@ -32,7 +32,7 @@ from pipeline.runtime.kafka import BatchWriter, Listener, partition_for, transla
 from pipeline.runtime.offsets import out_of_range
 from pipeline.runtime.transactions import PartitionProducers, stop_within
 from pipeline.runtime.transport import Batching, RebalanceCallback
-from pipeline.security import Bootstrap, connection
+from pipeline.security import Bootstrap, Connection, connection
 
 log = logging.getLogger(__name__)
 
@@ -275,41 +275,11 @@ class KafkaTransport:
         except kerr.KafkaError as exc:
             raise translate(exc, "reading the committed offset", partition=partition) from exc
 
-    async def restore(
-        self, partition: int, start: int
-    ) -> AsyncIterator[tuple[bytes, bytes | None]]:
+    def restore(self, partition: int, start: int) -> AsyncIterator[tuple[bytes, bytes | None]]:
         """The changelog records of ``partition`` from offset ``start`` to its current end."""
-        reader = AIOKafkaConsumer(
-            **self.connection.client_args(),
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",  # a checkpoint below the log start reads from it
-            isolation_level="read_committed" if self.exactly_once else "read_uncommitted",
-            max_poll_records=10_000,
-            fetch_max_bytes=16 * 1024 * 1024,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
+        return read_changelog(
+            self.connection, self.state_topic, partition, start, read_committed=self.exactly_once
         )
-        tp = KafkaTP(self.state_topic, partition)
-        try:
-            await reader.start()
-            reader.assign([tp])
-            end = (await reader.end_offsets([tp]))[tp]
-            if start >= end:
-                return
-            reader.seek(tp, start)
-            while await reader.position(tp) < end:
-                batch = await reader.getmany(tp, timeout_ms=500)
-                for record in batch.get(tp, ()):
-                    if record.offset >= end:
-                        return
-                    if record.key is not None:
-                        yield record.key, record.value
-        except kerr.KafkaError as exc:
-            raise translate(
-                exc, "restoring state", topic=self.state_topic, partition=partition
-            ) from exc
-        finally:
-            with contextlib.suppress(Exception):
-                await reader.stop()
 
     async def state_end(self, partition: int) -> int:
         """The changelog's end offset for ``partition`` (a checkpoint for local stores)."""
@@ -429,3 +399,38 @@ class KafkaTransport:
             log.warning("group %s: commit failed after a rebalance: %s", self.group, exc)
         except kerr.KafkaError as exc:
             raise translate(exc, "committing offsets", group=self.group) from exc
+
+
+async def read_changelog(
+    conn: Connection, topic: str, partition: int, start: int, *, read_committed: bool
+) -> AsyncIterator[tuple[bytes, bytes | None]]:
+    """The records of a changelog partition from offset ``start`` to its current end."""
+    reader = AIOKafkaConsumer(
+        **conn.client_args(),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # a checkpoint below the log start reads from it
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+        max_poll_records=10_000,
+        fetch_max_bytes=16 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+    )
+    tp = KafkaTP(topic, partition)
+    try:
+        await reader.start()
+        reader.assign([tp])
+        end = (await reader.end_offsets([tp]))[tp]
+        if start >= end:
+            return
+        reader.seek(tp, start)
+        while await reader.position(tp) < end:
+            batch = await reader.getmany(tp, timeout_ms=500)
+            for record in batch.get(tp, ()):
+                if record.offset >= end:
+                    return
+                if record.key is not None:
+                    yield record.key, record.value
+    except kerr.KafkaError as exc:
+        raise translate(exc, "restoring state", topic=topic, partition=partition) from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await reader.stop()

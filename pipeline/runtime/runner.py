@@ -145,7 +145,7 @@ async def _run_workers(
             await asyncio.gather(reporter, return_exceptions=True)
             episodes.uninstall()
             stats = [w.stats for w in workers]
-            _write_stats(options.stats_file, stats)
+            write_stats(options.stats_file, stats)
     return stats
 
 
@@ -203,7 +203,7 @@ async def _report(
             worker.stats.reachable = link.check()
             worker.stats.broker_errors = episodes.errors
         stats = [w.gauges() for w in workers]
-        _write_stats(options.stats_file, stats)
+        write_stats(options.stats_file, stats)
         if on_stats is not None:
             on_stats(stats)
         if loop.time() - last_log >= 10:
@@ -212,7 +212,7 @@ async def _report(
                 log.info("stage %s: %s", s.stage, s.summary())
 
 
-def _write_stats(path: Path | None, stats: list[StageStats]) -> None:
+def write_stats(path: Path | None, stats: list[StageStats]) -> None:
     if path is None:
         return
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class StageProcess:
-    """``pipeline run MODULE:PIPELINE --stage NAME`` as a child OS process."""
+    """``pipeline run MODULE:PIPELINE --stage NAME`` as a child OS process (``faust``:
+    ``pipeline faust``, the stage as an agent of a faust-streaming app)."""
 
     def __init__(
         self,
@@ -32,13 +33,16 @@ class StageProcess:
         env: dict[str, str],
         log: Path,
         extra: tuple[str, ...] = (),
+        *,
+        faust: bool = False,
     ) -> None:
         self.stage = stage
         self.log = log
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        run = ["faust"] if faust else ["run", "--shutdown-timeout", "20"]
         cmd = [
-            sys.executable, "-m", "pipeline.cli", "run", ref, "--stage", stage,
-            "--bootstrap", bootstrap, "--shutdown-timeout", "20", *extra,
+            sys.executable, "-m", "pipeline.cli", *run[:1], ref, "--stage", stage,
+            "--bootstrap", bootstrap, *run[1:], *extra,
         ]  # fmt: skip
         self._log_file = log.open("ab")
         self.proc = subprocess.Popen(
@@ -96,6 +100,23 @@ async def wait_for_count(bootstrap: Bootstrap, topic: str, expected: int, within
             return n
         await asyncio.sleep(0.5)
     return n
+
+
+async def committed(bootstrap: Bootstrap, group: str, topic: str) -> dict[int, int]:
+    """The offsets ``group`` committed on ``topic``, by partition (0 where none)."""
+    ends = await end_offsets(bootstrap, topic)
+    reader = AIOKafkaConsumer(
+        **connection(bootstrap).client_args(), group_id=group, enable_auto_commit=False
+    )
+    await reader.start()
+    try:
+        found = {}
+        for p in ends:
+            offset = await reader.committed(TopicPartition(topic, p))
+            found[p] = offset or 0
+        return found
+    finally:
+        await reader.stop()
 
 
 async def read_all(bootstrap: Bootstrap, topic: str, *, read_committed: bool = False) -> list[Any]:

@@ -1,20 +1,25 @@
-"""The same behaviour tests on both transports: the in-memory driver cannot drift from Kafka.
+"""The same behaviour tests on three runtimes: the in-memory driver, the framework's worker on
+the real broker, and a faust-streaming app on the real broker (:mod:`pipeline.faust`).
 
-Each test runs once on the :class:`~pipeline.testing.TestDriver` (memory) and once on the real
-broker (``run_stages`` in-process), through one small harness interface.
+Each test runs once on the :class:`~pipeline.testing.TestDriver` (memory), once on the real
+broker (``run_stages`` in-process) and once as an agent of a Faust app (``pipeline faust`` in a
+child process, Faust's own worker), through one small harness interface.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from pipeline import DedupPolicy, Pipeline, Publisher, RetryPolicy, SchemaStore, StageError, stage
+from pipeline import Pipeline, Publisher
 from pipeline.record import ID_HEADER, SEQ_HEADER, decode_seq
 from pipeline.runtime import deadletter
 from pipeline.runtime.runner import RunOptions, run_stages
@@ -22,41 +27,8 @@ from pipeline.runtime.stats import StageStats
 from pipeline.runtime.topics import ensure_topics, topic_specs
 from pipeline.runtime.transport import Batching
 from pipeline.testing import TestDriver
-from tests.integration.helpers import read_all
-
-SCHEMA = {
-    "type": "record",
-    "name": "conf.Event",
-    "fields": [
-        {"name": "id", "type": "string"},
-        {"name": "n", "type": "int"},
-        {"name": "fail", "type": "string", "default": ""},
-    ],
-}
-
-
-@stage(input="conf.Event", output="conf.Event", retry=RetryPolicy(3, 0.01, jitter=0))
-def step(event: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]] | None:
-    if event["fail"] == "always":
-        raise ValueError(f"event {event['n']} always fails")
-    if event["fail"] == "fatal":
-        raise StageError("refused", retriable=False)
-    if event["fail"] == "drop":
-        return None
-    if event["fail"] == "split":
-        return [{**event, "n": event["n"] * 10 + i, "fail": ""} for i in range(3)]
-    return {**event, "n": event["n"] + 1000}
-
-
-@stage(input="conf.Event", output="conf.Event", dedup=DedupPolicy.by_event_id())
-def by_id(event: dict[str, Any]) -> dict[str, Any]:
-    return event
-
-
-def pipeline(name: str, which: Any) -> Pipeline:
-    store = SchemaStore()
-    store.add(SCHEMA)
-    return Pipeline(name, source=f"{name}.in", key="id", schemas=store) | which
+from tests.integration.apps.conformance import by_id, pipeline, step
+from tests.integration.helpers import StageProcess, committed, end_offsets, read_all
 
 
 class Harness(Protocol):
@@ -147,6 +119,44 @@ class KafkaHarness:
         return found
 
 
+class FaustHarness(KafkaHarness):
+    """The stage as an agent of a Faust app: ``pipeline faust`` (Faust's worker) in a child
+    process, stopped once Faust's committed offsets cover every input record."""
+
+    def __init__(self, p: Pipeline, bootstrap: str, stage: str, workdir: Path) -> None:
+        super().__init__(p, bootstrap)
+        self.stage, self.workdir = stage, workdir
+
+    async def run(self, expected_inputs: int) -> StageStats:
+        node = self.p.nodes()[0]
+        stats_file = self.workdir / f"{self.p.name}.json"
+        proc = StageProcess(
+            "tests.integration.apps.conformance:build", node.name, self.bootstrap,
+            {"CONF_PIPELINE": self.p.name, "CONF_STAGE": self.stage},
+            self.workdir / f"{self.p.name}.log", ("--stats-file", str(stats_file)), faust=True,
+        )  # fmt: skip
+        try:
+            ends = await end_offsets(self.bootstrap, node.input_topic)
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.proc.poll() is None, proc.output()[-3000:]
+                done = await committed(self.bootstrap, node.group, node.input_topic)
+                if all(done[p] >= end for p, end in ends.items()):
+                    break
+                assert time.monotonic() < deadline, f"Faust committed {done} of {ends}"
+                await asyncio.sleep(0.5)
+        finally:
+            code = proc.terminate()
+        assert code == 0, proc.output()[-3000:]
+        entry = json.loads(stats_file.read_text())[0]
+        stats = StageStats(entry["stage"])
+        for name in ("consumed", "processed", "produced", "filtered", "duplicates",
+                     "dead_letters", "retries", "gaps"):  # fmt: skip
+            setattr(stats, name, entry[name])
+        assert stats.consumed == expected_inputs, entry
+        return stats
+
+
 def _summarise(
     p: Pipeline, records: list[Any]
 ) -> list[tuple[bytes, int | None, int, bytes | None]]:
@@ -159,7 +169,7 @@ def _summarise(
     return out
 
 
-@pytest.fixture(params=["memory", "kafka"])
+@pytest.fixture(params=["memory", "kafka", "faust"])
 async def make(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     made: list[KafkaHarness] = []
 
@@ -168,7 +178,11 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
         if request.param == "memory":
             return MemoryHarness(pipeline(name, which))
         bootstrap = request.getfixturevalue("kafka_bootstrap")
-        h = KafkaHarness(pipeline(name, which), bootstrap)
+        if request.param == "faust":
+            workdir = request.getfixturevalue("tmp_path")
+            h = FaustHarness(pipeline(name, which), bootstrap, which.name, workdir)
+        else:
+            h = KafkaHarness(pipeline(name, which), bootstrap)
         await h.start()
         made.append(h)
         return h

@@ -200,9 +200,17 @@ class Demo:
         """Start the stage processes; wait until each runs (its stats file appears) and,
         briefly, until each has its partitions, so that startup is not counted as latency."""
         self.procs = StageProcess.start_all(
-            REF, list(STAGES), self.bootstrap, self.workdir, stage_env=self.stage_env
+            REF,
+            list(STAGES),
+            self.bootstrap,
+            self.workdir,
+            stage_env=self.stage_env,
+            faust=self.args.faust,
         )
-        pids = ", ".join(f"{p.stage} {p.proc.pid}" for p in self.procs)
+        pids = ", ".join(
+            f"{p.stage}{' (faust)' if p.instance.helper == 'faust' else ''} {p.proc.pid}"
+            for p in self.procs
+        )
         started = time.monotonic()
         with self.console.status(f"starting {len(self.procs)} stage processes ({pids}) ..."):
             while not all(p.stats_file.exists() for p in self.procs):
@@ -399,9 +407,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a SCRAM user per stage with only its ACLs, over SASL_SSL (needs 'pipeline kafka "
         "start --secure', or an admin's PIPELINE_SECURITY_* settings)",
     )
+    parser.add_argument(
+        "--faust",
+        type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+        default=[],
+        metavar="STAGE,...",
+        help="run these stages as agents of a faust-streaming app (pipeline faust), the rest "
+        "as framework workers (needs the 'faust' extra)",
+    )
     args = parser.parse_args(argv)
     if args.orders < 1:
         parser.error("--orders must be at least 1")
+    unknown = [s for s in args.faust if s not in STAGES]
+    if unknown:
+        parser.error(f"--faust: no stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+    if args.faust and args.secure:
+        parser.error("--faust runs over PLAINTEXT only (pipeline.faust.faust_app)")
     return args
 
 

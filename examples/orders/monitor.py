@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -181,12 +181,14 @@ class StageProcess:
         workdir: Path,
         *,
         stage_env: Mapping[str, Mapping[str, str]] | None = None,
+        faust: Collection[str] = (),
     ) -> list[StageProcess]:
-        """Every stage's process, logs and stats files in ``workdir``."""
+        """Every stage's process, logs and stats files in ``workdir`` (``faust``: stages run
+        as agents of a faust-streaming app, ``pipeline faust``)."""
         # The enrich stage's customer table finds its broker through PIPELINE_BOOTSTRAP.
         supervisor = Supervisor(
             ref, stages, bootstrap, logs=workdir, stats_dir=workdir, shutdown_timeout=20,
-            env={"PIPELINE_BOOTSTRAP": str(bootstrap)}, stage_env=stage_env,
+            env={"PIPELINE_BOOTSTRAP": str(bootstrap)}, stage_env=stage_env, faust=faust,
         )  # fmt: skip
         for inst in supervisor.instances:
             assert inst.stats_file is not None

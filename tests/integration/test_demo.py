@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from examples.orders.pipeline import STAGES
 from tests.integration.helpers import ROOT
 
@@ -24,12 +26,18 @@ def summary_rows(output: str) -> dict[str, list[int]]:
     return rows
 
 
-def test_demo_runs_and_every_record_is_accounted_for(kafka_bootstrap: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("faust", [(), ("price", "fraud")], ids=["workers", "faust-price-fraud"])
+def test_demo_runs_and_every_record_is_accounted_for(
+    kafka_bootstrap: str, tmp_path: Path, faust: tuple[str, ...]
+) -> None:
+    """The demo as it ships; and with price and fraud as agents of faust-streaming apps
+    (pipeline faust, Faust's own worker) between framework workers."""
     orders = 3_000
     env = {**os.environ, "PIPELINE_BOOTSTRAP": kafka_bootstrap, "PYTHONUNBUFFERED": "1"}
+    extra = ["--faust", ",".join(faust)] if faust else []
     done = subprocess.run(
         [sys.executable, "-m", "examples.orders.demo", "--orders", str(orders),
-         "--workdir", str(tmp_path)],
+         "--workdir", str(tmp_path), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False,
     )  # fmt: skip
     output = done.stdout + done.stderr
@@ -37,6 +45,9 @@ def test_demo_runs_and_every_record_is_accounted_for(kafka_bootstrap: str, tmp_p
     assert done.returncode == 0, f"{output}\n--- stage logs ---\n{logs}"
     assert "PASS" in output and "FAIL" not in output, output
     assert "Traceback" not in logs, logs
+    for stage in faust:  # those stages ran in Faust's worker
+        log = (tmp_path / f"{stage}-0.log").read_text(errors="replace")
+        assert "[^Worker]: Ready" in log and f"stage {stage} (faust)" in log, log[-2000:]
 
     rows = summary_rows(output)
     assert set(rows) == {*STAGES, "pipeline"}, output

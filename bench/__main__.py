@@ -21,6 +21,7 @@ from bench import (
     crash_guard,
     dedup_memory,
     delivery,
+    faust_adapter,
     ops_overhead,
     priority,
     restore,
@@ -41,6 +42,7 @@ BENCHMARKS = (
     priority.NAME,
     security.NAME,
     dedup_memory.NAME,
+    faust_adapter.NAME,
 )
 NO_BROKER = frozenset({dedup_memory.NAME})
 
@@ -252,6 +254,12 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                     repeat=args.repeat, results=args.results,
                 )  # fmt: skip
                 await pair.run(bootstrap, broker, config, topics)
+        if faust_adapter.NAME in args.only:  # Faust is slow: its own record count
+            config = faust_adapter.Config(
+                records=args.faust_records or faust_adapter.RECORDS,
+                partitions=args.partitions, keys=args.keys, results=args.results,
+            )  # fmt: skip
+            await faust_adapter.run(bootstrap, broker, config, topics)
     finally:
         if not args.keep_topics:
             await topics.delete_all()

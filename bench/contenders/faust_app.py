@@ -65,32 +65,39 @@ def build(config: dict[str, Any]) -> Any:
 
     @app.task  # type: ignore[untyped-decorator]
     async def finish() -> None:
-        report: dict[str, Any]
-        try:
-            await processed_all.wait()
-            consumer = app.consumer
-            deadline = time.monotonic() + 120
-            committed = 0
-            while committed < target:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"faust committed {committed} of {target} records")
-                await consumer.commit()
-                offsets = getattr(consumer, "_committed_offset", {})
-                committed = sum(o for tp, o in offsets.items() if tp.topic == config["source"])
-                if committed < target:
-                    await asyncio.sleep(0.005)
-            report = {
-                "t_first": state["t_first"],
-                "t_end": time.monotonic(),
-                "processed": state["processed"],
-                "committed": committed,
-            }
-        except Exception as exc:
-            report = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-        write_report(config, report)
-        os.kill(os.getpid(), signal.SIGTERM)  # faust's worker shuts down cleanly on SIGTERM
+        await processed_all.wait()
+        await report_when_committed(app, config, state)
 
     return app
+
+
+async def report_when_committed(app: Any, config: dict[str, Any], state: dict[str, Any]) -> None:
+    """Once every record is processed: force faust's commits until they cover the target (as
+    a shutdown would), write the report, and stop the worker."""
+    target = int(config["target"])
+    report: dict[str, Any]
+    try:
+        consumer = app.consumer
+        deadline = time.monotonic() + 120
+        committed = 0
+        while committed < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"faust committed {committed} of {target} records")
+            await consumer.commit()
+            offsets = getattr(consumer, "_committed_offset", {})
+            committed = sum(o for tp, o in offsets.items() if tp.topic == config["source"])
+            if committed < target:
+                await asyncio.sleep(0.005)
+        report = {
+            "t_first": state["t_first"],
+            "t_end": time.monotonic(),
+            "processed": state["processed"],
+            "committed": committed,
+        }
+    except Exception as exc:
+        report = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    write_report(config, report)
+    os.kill(os.getpid(), signal.SIGTERM)  # faust's worker shuts down cleanly on SIGTERM
 
 
 if __name__ == "__main__":

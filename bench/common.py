@@ -46,6 +46,20 @@ class OneStage:
     repeat: int = 3
     results: Path = RESULTS
 
+    def conditions(
+        self, store: SchemaStore, broker: str, load_at_start: list[float], **more: Any
+    ) -> dict[str, Any]:
+        """The run's conditions for its results document (``more`` added before the load)."""
+        return {
+            "records": self.records,
+            "record_bytes_mean": round(record_bytes(store, keys=self.keys), 1),
+            "partitions": self.partitions,
+            "keys": self.keys,
+            "broker": broker,
+            **more,
+            "load_average_1_5_15min_at_start": load_at_start,
+        }
+
 
 class WarningTally(logging.Handler):
     """Counts the framework's warnings (a run's result reports them instead of the console)."""

@@ -45,12 +45,5 @@ async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics
     return await report.pair(
         NAME, CONTENDERS, run_one, repeat=config.repeat, target=0.95, results=config.results,
         title=f"{NAME}: {config.records:,} records, one stage, best of {config.repeat}",
-        conditions={
-            "records": config.records,
-            "record_bytes_mean": round(common.record_bytes(store, keys=config.keys), 1),
-            "partitions": config.partitions,
-            "keys": config.keys,
-            "broker": broker,
-            "load_average_1_5_15min_at_start": load_at_start,
-        },
+        conditions=config.conditions(store, broker, load_at_start),
     )  # fmt: skip

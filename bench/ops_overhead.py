@@ -46,15 +46,9 @@ async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics
     return await report.pair(
         NAME, CONTENDERS, run_one, repeat=config.repeat, target=0.95, results=config.results,
         title=f"{NAME}: {config.records:,} traced records, one stage, best of {config.repeat}",
-        conditions={
-            "records": config.records,
-            "record_bytes_mean": round(common.record_bytes(store, keys=config.keys), 1),
-            "traceparent_bytes": 66,
-            "partitions": config.partitions,
-            "keys": config.keys,
-            "broker": broker,
-            "stage_ops": "--http 127.0.0.1:0 and --trace without an SDK (no spans made; "
+        conditions=config.conditions(
+            store, broker, load_at_start, traceparent_bytes=66,
+            stage_ops="--http 127.0.0.1:0 and --trace without an SDK (no spans made; "
             "traceparent passed on)",
-            "load_average_1_5_15min_at_start": load_at_start,
-        },
+        ),
     )  # fmt: skip

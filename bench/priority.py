@@ -48,13 +48,8 @@ async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics
     return await report.pair(
         NAME, CONTENDERS, run_one, repeat=config.repeat, target=0.9, results=config.results,
         title=f"{NAME}: {config.records:,} records, low lane only, best of {config.repeat}",
-        conditions={
-            "records": config.records,
-            "record_bytes_mean": round(common.record_bytes(store, keys=config.keys), 1),
-            "partitions": config.partitions,
-            "keys": config.keys,
-            "broker": broker,
-            "lanes": "Priority({empty high topic: 8, the loaded topic: 1})",
-            "load_average_1_5_15min_at_start": load_at_start,
-        },
+        conditions=config.conditions(
+            store, broker, load_at_start,
+            lanes="Priority({empty high topic: 8, the loaded topic: 1})",
+        ),
     )  # fmt: skip

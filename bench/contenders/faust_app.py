@@ -16,16 +16,18 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from bench import workload
 from bench.contenders.external import load_config, write_report
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], build: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    """Build the app (``build``, default: the plain agent's) and run Faust's worker on it."""
     config = load_config(argv)
     try:
-        app = build(config)
+        app = (build or build_agent)(config)
     except Exception as exc:
         write_report(config, {"error": f"{type(exc).__name__}: {exc}"})
         raise
@@ -33,7 +35,7 @@ def main(argv: list[str]) -> None:
     app.main()  # blocks until SIGTERM; exits the process
 
 
-def build(config: dict[str, Any]) -> Any:
+def build_agent(config: dict[str, Any]) -> Any:
     import faust
 
     target = int(config["target"])

@@ -17,20 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import workload
-from bench.contenders.external import load_config, write_report
+from bench.contenders import faust_app
 from bench.contenders.faust_app import report_when_committed
 from bench.contenders.stage import sync_price_stage
-
-
-def main(argv: list[str]) -> None:
-    config = load_config(argv)
-    try:
-        app = build(config)
-    except Exception as exc:
-        write_report(config, {"error": f"{type(exc).__name__}: {exc}"})
-        raise
-    sys.argv = [argv[0], "worker", "--loglevel", "warn", "--without-web"]
-    app.main()  # blocks until SIGTERM; exits the process
 
 
 def build(config: dict[str, Any]) -> Any:
@@ -65,4 +54,4 @@ def build(config: dict[str, Any]) -> Any:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    faust_app.main(sys.argv, build)

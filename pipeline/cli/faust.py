@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.commands import BootstrapOpt, bootstrap_address
+from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.loader import load_pipeline
 
@@ -42,10 +43,13 @@ def faust(
             "pipeline faust needs faust-streaming: pip install 'kafka-pipeline[faust]'"
         ) from exc
     pipeline = load_pipeline(ref)
-    options = FaustOptions(commit_interval=commit_interval, stats_file=stats_file)
+    options = FaustOptions(
+        commit_interval=commit_interval, stats_file=stats_file, datadir=Settings().home / "faust"
+    )
     app = faust_app(pipeline, stage, bootstrap_address(bootstrap), options=options)
     level = log_level.upper()
     logging.getLogger("pipeline").setLevel(level)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # as pipeline run
     # Faust's worker command parses its own arguments: the web server is off (the
     # framework's stages report through their stats file and the broker's offsets).
     sys.argv = ["pipeline faust", "worker", "--without-web", "--loglevel", level.lower()]

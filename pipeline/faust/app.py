@@ -30,7 +30,9 @@ class FaustOptions:
             move (``broker_session_timeout``; the framework's workers use 10 s, Faust 60 s).
         stats_file: Write the stages' JSON counters here (as ``pipeline run --stats-file``).
         stats_interval: Seconds between two writes of ``stats_file``.
-        datadir: Faust's data directory (default: one under the system's temp directory).
+        datadir: Where each app gets its Faust data directory (``DATADIR/<app id>``; default:
+            ``pipeline-faust`` under the system's temp directory; ``pipeline faust`` passes
+            ``PIPELINE_HOME/faust``).
 
     Example:
         >>> FaustOptions().commit_interval
@@ -80,7 +82,7 @@ def faust_app(
         raise ConfigError("faust_app(): name at least one stage")
     nodes = [node for name in stages for node in pipeline.lanes_of(name)]
     app_id = nodes[0].group if len(stages) == 1 else f"{pipeline.name}.faust"
-    datadir = options.datadir or Path(tempfile.gettempdir()) / "pipeline-faust" / app_id
+    datadir = (options.datadir or Path(tempfile.gettempdir()) / "pipeline-faust") / app_id
     datadir.parent.mkdir(parents=True, exist_ok=True)  # Faust makes the last part only
     app = faust.App(
         app_id,

@@ -22,6 +22,7 @@ from bench import (
     dedup_memory,
     delivery,
     faust_adapter,
+    latency,
     ops_overhead,
     priority,
     restore,
@@ -43,6 +44,7 @@ BENCHMARKS = (
     security.NAME,
     dedup_memory.NAME,
     faust_adapter.NAME,
+    latency.NAME,
 )
 NO_BROKER = frozenset({dedup_memory.NAME})
 
@@ -101,6 +103,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keys", type=_positive, default=t.keys, help="distinct keys (throughput)")
     p.add_argument("--partitions", type=_positive, default=t.partitions)
+    p.add_argument(
+        "--latency-rate", type=_positive, default=latency.RATE, help="latency: records/s"
+    )
+    p.add_argument(
+        "--latency-seconds", type=float, default=latency.SECONDS, help="latency: seconds"
+    )
     p.add_argument("--c1-records", type=_positive, default=c.c1_records)
     p.add_argument("--c64-records", type=_positive, default=c.c64_records)
     p.add_argument(
@@ -254,6 +262,12 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                     repeat=args.repeat, results=args.results,
                 )  # fmt: skip
                 await pair.run(bootstrap, broker, config, topics)
+        if latency.NAME in args.only:
+            config = latency.Config(
+                rate=args.latency_rate, seconds=args.latency_seconds, repeat=args.repeat,
+                partitions=args.partitions, results=args.results,
+            )  # fmt: skip
+            await latency.run(bootstrap, broker, config, topics)
         if faust_adapter.NAME in args.only:  # Faust is slow: its own record count
             config = faust_adapter.Config(
                 records=args.faust_records or faust_adapter.RECORDS,

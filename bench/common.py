@@ -311,10 +311,10 @@ async def verify(
     result.committed_records = await committed(bootstrap, group, topic)
 
 
-async def read_sequences(
+async def read_records(
     bootstrap: Bootstrap, topic: str, expected: int, limit: float = 60
-) -> dict[bytes | None, list[int]]:
-    """Read ``topic`` back; per key, the ``seq`` headers in the order the topic holds them."""
+) -> list[Any]:
+    """Read ``topic`` back from its start until ``expected`` records (or ``limit`` seconds)."""
     consumer = AIOKafkaConsumer(
         topic,
         **connection(bootstrap).client_args(),
@@ -322,19 +322,26 @@ async def read_sequences(
         enable_auto_commit=False,
     )
     await consumer.start()
-    seqs: dict[bytes | None, list[int]] = {}
-    seen = 0
+    found: list[Any] = []
     try:
         deadline = time.monotonic() + limit
-        while seen < expected and time.monotonic() < deadline:
+        while len(found) < expected and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
             for msgs in batches.values():
-                for msg in msgs:
-                    seen += 1
-                    seq = next((decode_seq(v) for k, v in msg.headers if k == SEQ_HEADER), -1)
-                    seqs.setdefault(msg.key, []).append(seq)
+                found.extend(msgs)
     finally:
         await consumer.stop()
+    return found
+
+
+async def read_sequences(
+    bootstrap: Bootstrap, topic: str, expected: int, limit: float = 60
+) -> dict[bytes | None, list[int]]:
+    """Read ``topic`` back; per key, the ``seq`` headers in the order the topic holds them."""
+    seqs: dict[bytes | None, list[int]] = {}
+    for msg in await read_records(bootstrap, topic, expected, limit):
+        seq = next((decode_seq(v) for k, v in msg.headers if k == SEQ_HEADER), -1)
+        seqs.setdefault(msg.key, []).append(seq)
     return seqs
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -255,8 +256,12 @@ def publish(
 
     address = bootstrap_address(bootstrap)
 
+    took = 0.0
+
     async def go() -> int:
+        nonlocal took
         async with Publisher(address, topic, codec, key_field) as pub:
+            began = time.monotonic()
             with Progress(
                 TextColumn("publishing"),
                 BarColumn(),
@@ -268,7 +273,8 @@ def publish(
                 task = bar.add_task("publish", total=total)
                 with file.open(encoding="utf-8") as lines:
                     for lineno, line in enumerate(lines, 1):
-                        bar.advance(task)
+                        if lineno % 1000 == 0:  # the bar's lock and refresh, not per line
+                            bar.update(task, completed=lineno)
                         if not line.strip():
                             continue
                         try:
@@ -281,11 +287,14 @@ def publish(
                             )
                         except CodecError as exc:
                             rejected.append((lineno, str(exc)))
+                bar.update(task, completed=total)
             await pub.flush()
+            took = time.monotonic() - began
             return pub.sent
 
     sent = asyncio.run(go())
-    out.print(f"sent {sent}, rejected {len(rejected)} to {topic}")
+    rate = f" ({sent / took:,.0f} records/s)" if took > 0 else ""
+    out.print(f"sent {sent}, rejected {len(rejected)} to {topic} in {took:.1f}s{rate}")
     for lineno, reason in rejected[:50]:
         out.print(f"  line {lineno}: {reason}", highlight=False)
     if len(rejected) > 50:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ def test_tail_stops_at_the_end(kafka_bootstrap: str, names: Names, tmp_path: Pat
     published, _ = cli("publish", topic, str(ORDERS), "--schema", SCHEMA, "-b", kafka_bootstrap)
     said = published.stderr + published.stdout
     assert published.returncode == 2 and "sent 25, rejected 1" in said, said
+    assert re.search(rf"to {topic} in \d+\.\ds \([\d,]+ records/s\)", said), said
     tailed, took = cli("tail", topic, "--limit", "100", "-b", kafka_bootstrap)
     assert tailed.returncode == 0, tailed.stderr
     assert len(tailed.stdout.strip().splitlines()) == 25  # all there is, then it stops

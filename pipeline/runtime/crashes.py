@@ -7,15 +7,17 @@ Kafka keeps no delivery count, so the worker keeps one where Kafka already store
 per partition and group: the *metadata* of the committed offset (OffsetCommit and
 TxnOffsetCommit both carry it). No extra topic, no extra write on the hot path::
 
-    pipeline.crash/1 <end> <deaths> <live|stopped>
+    pipeline.crash/2 <end> <deaths> <alone> <live|stopped>
 
 reads "from the committed offset up to ``end`` (exclusive), records are (``live``) or will only
 be handled after a new mark (``stopped``); each of them was in the hands of ``deaths`` workers
-that died". Every ordinary commit at offset ``o`` writes ``o + window 0 live``: the records
-handled next lie in the window (the window is larger than what a worker holds between two
-commits). A worker that stops cleanly, or gives a partition up in a rebalance, writes nothing
-(or ``stopped``). So a worker that takes a partition and reads ``live`` knows that the previous
-owner died with records of that range in hand: one more death for each of them.
+that died, ``alone`` of them with that one record alone in hand" (``pipeline.crash/1`` marks,
+without ``alone``, are still read). Every ordinary commit at offset ``o`` writes
+``o + window 0 0 live``: the records handled next lie in the window (the window is larger than
+what a worker holds between two commits). A worker that stops cleanly, or gives a partition up
+in a rebalance, writes nothing (or ``stopped``). So a worker that takes a partition and reads
+``live`` knows that the previous owner died with records of that range in hand: one more death
+for each of them.
 
 Such a range is *suspect*; the new owner handles it with a mark committed before each chunk:
 
@@ -24,14 +26,17 @@ Such a range is *suspect*; the new owner handles it with a mark committed before
    range with one more death;
 2. repeated evidence (two deaths or more): one record per chunk, a commit before each, until
    the range is passed;
-3. a single record with ``max_deliveries`` deaths is dead-lettered (error class ``CrashLoop``)
-   without being called, and the partition goes on with the next one.
+3. a single record with ``max_deliveries`` deaths, two of them (one when ``max_deliveries`` is
+   1) with it alone in hand, is dead-lettered (error class ``CrashLoop``) without being called,
+   and the partition goes on with the next one.
 
-A poison record is thus dead-lettered after ``max_deliveries`` deaths with it in hand (at least
-3 when it was not the first record of the first suspect chunk, since the first two deaths only
-narrow the range down). A record never reached in a range that died gets the range's deaths
-too: an unrelated kill counts as a delivery of whatever was in flight, as a visibility timeout
-counts one in a queue; one record must die ``max_deliveries`` times to be condemned.
+A record never reached in a range that died gets the range's deaths too: an unrelated kill
+counts as a delivery of whatever was in flight, as a visibility timeout counts one in a queue.
+Deaths in a range only narrow it down; the verdict needs two deaths with the record alone in
+hand, so unrelated kills (a deployment's, an OOM of a neighbour) that happen to land while the
+range is narrowed never condemn an innocent record. A poison record is thus dead-lettered after
+``max_deliveries`` deaths when it is first in its chunks (3 by default), one or two more when
+the first deaths land on chunks of several records (4 at most by default).
 
 Offsets committed by someone else (``pipeline dlq``, a reset tool) carry other metadata: no
 mark, no suspicion.
@@ -54,7 +59,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "pipeline.crash/1"
+_PREFIX = "pipeline.crash/2"
+_PREFIX_V1 = "pipeline.crash/1"
 #: The largest chunk of a suspect range: a chunk that dies is handled one record at a time next
 #: (a commit each, a transaction under exactly-once), so chunks stay small; the range itself is
 #: about two fetches, so that is a few hundred marks after a death, not one per record.
@@ -72,10 +78,12 @@ class Mark:
     end: int  # the range ends before this offset
     deaths: int  # deaths each record of the range was in hand for
     live: bool  # whether records of the range may be in a worker's hands now
+    alone: int = 0  # deaths of a single-record range with that record alone in hand
 
     def encode(self) -> str:
         """The metadata string committed with the offset."""
-        return f"{_PREFIX} {self.end} {self.deaths} {'live' if self.live else 'stopped'}"
+        state = "live" if self.live else "stopped"
+        return f"{_PREFIX} {self.end} {self.deaths} {self.alone} {state}"
 
     @classmethod
     def decode(cls, metadata: str | None) -> Mark | None:
@@ -83,18 +91,22 @@ class Mark:
 
         Example:
             >>> Mark.decode(Mark(120, 1, True).encode())
-            Mark(end=120, deaths=1, live=True)
+            Mark(end=120, deaths=1, live=True, alone=0)
+            >>> Mark.decode("pipeline.crash/1 120 2 stopped")
+            Mark(end=120, deaths=2, live=False, alone=0)
             >>> Mark.decode("") is None
             True
         """
         parts = (metadata or "").split()
-        if len(parts) != 4 or parts[0] != _PREFIX or parts[3] not in ("live", "stopped"):
+        if len(parts) == 4 and parts[0] == _PREFIX_V1:  # written before ``alone`` was counted
+            parts = [_PREFIX, parts[1], parts[2], "0", parts[3]]
+        if len(parts) != 5 or parts[0] != _PREFIX or parts[4] not in ("live", "stopped"):
             return None
         try:
-            end, deaths = int(parts[1]), int(parts[2])
+            end, deaths, alone = int(parts[1]), int(parts[2]), int(parts[3])
         except ValueError:
             return None
-        return cls(end, max(0, deaths), parts[3] == "live")
+        return cls(end, max(0, deaths), parts[4] == "live", max(0, alone))
 
 
 @dataclass(slots=True)
@@ -103,6 +115,7 @@ class Suspect:
 
     end: int  # exclusive
     deaths: int
+    alone: int = 0  # deaths with the range's one record alone in hand
     doomed: int | None = None  # the offset of a record to dead-letter without a call
     chunk: int = 1  # records in the next chunk (doubles while deaths == 1)
     chunk_end: int = -1  # the current chunk ends before this offset
@@ -143,9 +156,9 @@ class CrashGuard:
         if s is None or offset >= s.end:
             return Mark(offset + self.window, 0, True).encode()
         if offset < s.chunk_end:  # inside a chunk: its records go on without a new mark
-            return Mark(s.chunk_end, s.deaths, True).encode()
+            return Mark(s.chunk_end, s.deaths, True, s.alone).encode()
         # At a chunk boundary: the next record is handled only after its chunk's mark.
-        return Mark(s.end, s.deaths, False).encode()
+        return Mark(s.end, s.deaths, False, s.alone).encode()
 
     def marks(self, offsets: Mapping[int, int]) -> dict[int, str]:
         """:meth:`mark` for each partition of ``offsets``."""
@@ -157,7 +170,7 @@ class CrashGuard:
         for p, o in offsets.items():
             s = self.suspects.get(p)
             if s is not None and o < s.end and s.deaths:
-                marks[p] = Mark(s.end, s.deaths, False).encode()  # not passed yet: keep count
+                marks[p] = Mark(s.end, s.deaths, False, s.alone).encode()  # not passed: keep
             else:
                 marks[p] = ""
         return marks
@@ -181,12 +194,15 @@ class CrashGuard:
             if mark is None or mark.end <= offset or not deaths:
                 marks[partition] = Mark(offset + self.window, 0, True).encode()
                 continue
-            s = Suspect(mark.end, deaths)
+            single = mark.end - offset == 1
+            # A death with one record alone in hand: the strong evidence a verdict needs.
+            alone = (mark.alone if single else 0) + (1 if single and mark.live else 0)
+            s = Suspect(mark.end, deaths, alone)
             limit = self.policy.max_deliveries
-            if limit is not None and mark.end - offset == 1 and deaths >= limit:
+            if limit is not None and single and deaths >= limit and alone >= min(2, limit):
                 s.doomed = offset
             self.suspects[partition] = s
-            marks[partition] = Mark(mark.end, deaths, False).encode()
+            marks[partition] = Mark(mark.end, deaths, False, alone).encode()
             log.warning(
                 "stage %s: partition %d: a worker died with offsets %d..%d in hand (%d "
                 "death(s) each); handling them %s",
@@ -224,7 +240,9 @@ class CrashGuard:
                 s.chunk_end = min(first + s.chunk, s.end)
                 if s.deaths == 1:
                     s.chunk = min(2 * s.chunk, MAX_CHUNK)
-                if not await mark(partition, first, Mark(s.chunk_end, s.deaths, True).encode()):
+                alone = s.alone if s.chunk_end - first == 1 else 0
+                live = Mark(s.chunk_end, s.deaths, True, alone).encode()
+                if not await mark(partition, first, live):
                     # A held record comes first (the breaker): the rest of the range is one
                     # chunk, handled as usual under the ordinary commits' live marks.
                     s.chunk_end = s.end

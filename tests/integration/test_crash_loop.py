@@ -81,8 +81,10 @@ async def test_a_record_that_exits_its_worker_ends_as_crash_loop_and_the_rest_fl
     headers = dict(letter.headers)
     assert codec.decode(letter.value)["n"] == POISON  # the original bytes, untouched
     assert headers[dlq.ERROR_CLASS] == b"CrashLoop"
-    assert headers[dlq.ATTEMPTS] == b"3"
-    assert len(exits) == 3, text[-3000:]  # max_deliveries deaths, and no fourth
+    # max_deliveries (3) deaths or one more: the verdict needs two of them with the record
+    # alone in hand, and its first deaths may land on chunks of several records.
+    assert headers[dlq.ATTEMPTS] == str(len(exits)).encode()
+    assert len(exits) in (3, 4), text[-3000:]  # and no call after the verdict
 
     seen = [codec.decode(r.value) for r in sink.records]
     assert sorted(e["n"] for e in seen) == [i for i in range(EVENTS) if i != POISON]  # once

@@ -82,7 +82,12 @@ async def test_sigkill_three_times(
             first = StageProcess(REF, "mark", kafka_bootstrap, env, tmp_path / "mark.log")
         async with TopicReader(kafka_bootstrap, sink) as reader:
             got = await reader.until_distinct(records, within=300)
-            assert got == records, first.output()[-3000:]
+            if got != records:  # say where the missing ones are
+                dead = await count(kafka_bootstrap, f"{name}.mark.dlq")
+                raise AssertionError(
+                    f"{records - got} records missing at the sink; {dead} in mark's "
+                    f"dead-letter topic\n{first.output()[-3000:]}"
+                )
             await reader.settle()
             assert_exactly_once_in_order(reader.records, records)
     finally:

@@ -133,16 +133,24 @@ class BatchWriter:
 
     async def send(self, batches: list[tuple[Any, str, int]]) -> None:
         """Send taken batches and wait until all are acknowledged."""
-        if not batches:
-            return
+        if batches:
+            await self.acknowledged(batches, await self.dispatch(batches))
+
+    async def dispatch(self, batches: list[tuple[Any, str, int]]) -> list[Any]:
+        """Hand taken batches to the producer; return their delivery futures (see
+        :meth:`acknowledged`)."""
         futures: list[Any] = []
         try:
             for b, t, p in batches:
                 futures.append(await self._producer.send_batch(b, t, partition=p))
         except kerr.KafkaError as exc:
-            _retrieve(futures)
+            abandon(futures)
             topic = batches[len(futures)][1] if len(futures) < len(batches) else None
             raise translate(exc, "writing records", topic=topic, operation="WRITE") from exc
+        return futures
+
+    async def acknowledged(self, batches: list[tuple[Any, str, int]], futures: list[Any]) -> None:
+        """Wait until the dispatched ``batches`` are acknowledged (acks=all)."""
         # Wait for all of them, even when one fails: an unread failure is logged by asyncio
         # as a traceback when its future is collected.
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -161,7 +169,7 @@ class BatchWriter:
         return count
 
 
-def _retrieve(futures: list[Any]) -> None:
+def abandon(futures: list[Any]) -> None:
     """Mark the outcome of abandoned futures as read (asyncio logs unread failures)."""
     for fut in futures:
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -134,6 +134,10 @@ class Transport(Protocol):
     ) -> None:
         """Buffer one output of a record read from input partition ``source``."""
 
+    async def send_ahead(self) -> None:
+        """Start sending the outputs buffered so far, before their commit (at-least-once; a
+        transport may do nothing). The commit still makes them durable first."""
+
     def discard(self, partition: int) -> None:
         """Drop outputs buffered for records of input partition ``partition`` (EOS; after its
         transaction was lost and the partition rewound)."""

@@ -325,6 +325,7 @@ class StageWorker:
                     tripped = True
                 _observe(stats, batches, began)
                 self._in_batch = 0
+                await t.send_ahead()  # outputs leave now, not after the commit in flight
                 # The previous batch's commit ran while this one was handled; finish it, then
                 # start this one's, which runs while the next batch is fetched and handled.
                 offsets = commits.offsets(handled)

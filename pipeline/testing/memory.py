@@ -268,6 +268,9 @@ class MemoryTransport:
             return 0
         return self.broker.end_offsets(self.state_topic)[partition]
 
+    async def send_ahead(self) -> None:
+        """Nothing: outputs become visible at their commit (tests count them there)."""
+
     def discard(self, partition: int) -> None:
         """Nothing to drop: the memory log never loses a commit."""
 

@@ -232,11 +232,13 @@ class CrashPolicy:
     ``SystemExit``. Restarted, the worker would read the same record again and die again,
     forever. So the worker counts *deliveries across restarts* in the committed offset's
     metadata (see :mod:`pipeline.runtime.crashes`): a record delivered ``max_deliveries`` times
-    by workers that all died with it is dead-lettered with error class ``CrashLoop`` on the
-    next start, and the records behind it flow. ``max_deliveries=None`` turns it off.
+    by workers that all died with it, two of them with it alone in hand, is dead-lettered with
+    error class ``CrashLoop`` on the next start, and the records behind it flow.
+    ``max_deliveries=None`` turns it off.
 
     An unrelated death (a SIGKILL while a batch was in flight) counts as a delivery of the
-    records in flight; it takes ``max_deliveries`` deaths with the same record to condemn it.
+    records in flight, but only narrows the suspects down: the verdict needs two deaths with
+    the same record alone in hand.
 
     Example:
         >>> CrashPolicy().max_deliveries, CrashPolicy.off().enabled

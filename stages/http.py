@@ -294,10 +294,11 @@ class HttpClient:
                 attempt = _Attempt()
                 try:
                     return await self._exchange(session, method, url, body, merged, attempt)
-                except aiohttp.ServerDisconnectedError:
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                     if not attempt.reused:
                         raise
-                # The server had closed the pooled connection: once more, on a new one.
+                # The server had closed the pooled connection (seen as a disconnect or as a
+                # reset, depending on timing): once more, on a new one.
                 return await self._exchange(session, method, url, body, merged, _Attempt())
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
             raise HttpUnavailable(f"{method} {url}: no response within {self.timeout:g}s") from exc

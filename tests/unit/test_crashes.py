@@ -98,13 +98,13 @@ async def test_a_record_that_kills_its_worker_is_dead_lettered_as_crash_loop(
     ids = published(Harness(make(), broker=broker), 60, {"o-17"})
     deaths, runs = await run_until_drained(make, broker)
 
-    # max_deliveries (3) deaths or more, two of them with it alone in hand. Inline, the first
-    # death is in a range, the second in a chunk of several records, the third and fourth with
-    # it alone: 4. In key lanes its second death is already with it alone: 3.
-    expected = 4 if concurrency == 1 else 3
-    assert deaths == expected
-    assert calls["o-17"] == expected  # and no call after the verdict
-    assert dead_letters(runs) == [("o-17", b"CrashLoop", str(expected).encode())]
+    # max_deliveries (3) deaths or one more, two of them with it alone in hand. Inline, the
+    # first death is in a range, the second in a chunk of several records, the third and fourth
+    # with it alone: 4. In key lanes, where the lanes are when a worker dies decides whether
+    # its second death is already with it alone: 3 or 4.
+    assert deaths == 4 if concurrency == 1 else deaths in (3, 4)
+    assert calls["o-17"] == deaths  # and no call after the verdict
+    assert dead_letters(runs) == [("o-17", b"CrashLoop", str(deaths).encode())]
     out = outputs(runs)
     assert set(out) == set(ids) - {"o-17"}  # every other record
     if concurrency == 1:

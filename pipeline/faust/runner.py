@@ -132,7 +132,7 @@ class FaustStage:
             for key, value in table.take_dirty().items():
                 self.outbox.append(state, partition, key, value, (), None, partition)
         sends = self.outbox.take()
-        if not sends:  # a duplicate
+        if not sends:  # nothing written (a duplicate, a filtered record): nothing to wait for
             event.ack()
             return
         await self.owner.deliver(sends, event)

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test test-unit lint bench clean
+.PHONY: install demo test test-unit lint bench clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,19 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/python -m examples.orders.demo
 
-## Everything CI checks: lint, types, unit and integration tests against a real broker.
-test: $(BIN)/.installed lint
+## Everything CI checks: lint, types, unit and integration tests against a real broker
+## (and the dashboard's in headless Chromium).
+test: $(BIN)/.installed lint browser
 	$(BIN)/pytest -q --durations=15
+
+## Debian's chromium and chromium-driver, for the dashboard's browser tests (once).
+CHROMEDRIVER ?= /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: $(CHROMEDRIVER)
+$(CHROMEDRIVER):
+	@echo "installing Debian's chromium and chromium-driver (the dashboard's browser tests)"
+	$(SUDO) apt-get install -y -q chromium chromium-driver \
+	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver)
 
 ## Fast loop: unit tests only (no broker).
 test-unit: $(BIN)/.installed

@@ -122,6 +122,17 @@ async def read_status(bootstrap: Bootstrap, topic: str, job: str) -> JobStatus |
     Raises:
         TopicError: The status table does not exist.
     """
+    history = await read_history(bootstrap, topic, job)
+    return history[-1] if history else None
+
+
+async def read_history(bootstrap: Bootstrap, topic: str, job: str) -> list[JobStatus]:
+    """Every entry of ``job`` still in the status table ``topic``, oldest first: its path
+    through the stages (compaction keeps only the latest of older entries; ``[]``: unknown).
+
+    Raises:
+        TopicError: The status table does not exist.
+    """
     consumer = AIOKafkaConsumer(
         **connection(bootstrap).client_args(), enable_auto_commit=False,
         isolation_level="read_committed",
@@ -144,13 +155,13 @@ async def read_status(bootstrap: Bootstrap, topic: str, job: str) -> JobStatus |
         start = (await consumer.beginning_offsets([tp]))[tp]
         end = (await consumer.end_offsets([tp]))[tp]
         consumer.seek(tp, start)
-        found = None
+        found: list[JobStatus] = []
         while start < end and await consumer.position(tp) < end:
             batch = await consumer.getmany(tp, timeout_ms=1000)
             for record in batch.get(tp, []):
                 if record.key == key and record.value is not None:
-                    found = record.value
-        return None if found is None else JobStatus.decode(found)
+                    found.append(JobStatus.decode(record.value))
+        return found
     except kerr.KafkaError as exc:
         raise translate(exc, "reading job statuses", topic=topic) from exc
     finally:

@@ -97,6 +97,7 @@ def build(
     partitions: int = 3,
     schemas: Path = SCHEMAS,
     customers: Table | None = None,
+    check: Stage = validate,
 ) -> Pipeline:
     """The orders pipeline named ``name``; its input is ``NAME.placed``, its output
     (notify's) is the outbox ``NAME.outbox``.
@@ -107,6 +108,7 @@ def build(
         schemas: Directory of the ``.avsc`` files.
         customers: The customer table (default: :func:`customer_table` of ``name``); tests
             pass a ``stages.MemoryTable``.
+        check: The first stage (default :func:`validate`); a test deploys a fixed one.
 
     Example:
         >>> [n.output_topic for n in build().nodes()][-2:]
@@ -122,7 +124,7 @@ def build(
             schemas=store,
             topics=TopicPolicy(partitions=partitions),
         )
-        | validate
+        | check
         | enrich_customer(table)
         | price
         | fraud

@@ -6,7 +6,8 @@
 - :mod:`.jobs`: ``pipeline jobs ...``, jobs: submit, status, callbacks;
 - :mod:`.status`: ``pipeline status``, lag, rates, instances and their health;
 - :mod:`.up`: ``pipeline up``, every stage as a supervised process;
-- :mod:`.acl`: ``pipeline acl``, each stage's least-privilege ACLs.
+- :mod:`.acl`: ``pipeline acl``, each stage's least-privilege ACLs;
+- :mod:`.ui`: ``pipeline ui``, the web dashboard.
 
 Security settings (``--security-protocol``, ``--sasl-*``, ``--ssl-*``) are options of the
 ``pipeline`` command itself, before the verb; they set the ``PIPELINE_*`` variables the
@@ -25,7 +26,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from pipeline.cli import acl, commands, dlq, faust, jobs, kafka, status, up
+from pipeline.cli import acl, commands, dlq, faust, jobs, kafka, status, ui, up
 from pipeline.cli.console import console
 from pipeline.errors import PipelineError
 
@@ -42,6 +43,7 @@ status.register(app)
 up.register(app)
 acl.register(app)
 faust.register(app)
+ui.register(app)
 
 err = console(stderr=True)
 

@@ -25,7 +25,8 @@ WhereOpt = Annotated[
         "--where",
         "-w",
         help="FIELD=VALUE[,VALUE...] (repeatable, all must match); fields: error_class, key, "
-        "stage, topic, partition (the original input topic and partition).",
+        "stage, topic, partition (the original input topic and partition), at (PARTITION@OFFSET "
+        "in the dead-letter topic: one dead letter).",
     ),
 ]
 _REPLAY_EPILOG = (

@@ -103,7 +103,8 @@ class Where:
     """Which dead letters to replay or show: ``field=value`` terms that must all match.
 
     A term's value may list alternatives separated by commas. Fields: ``error_class``, ``key``,
-    ``stage``, ``topic`` and ``partition`` (the original input topic and partition).
+    ``stage``, ``topic`` and ``partition`` (the original input topic and partition), and ``at``
+    (``PARTITION@OFFSET`` in the dead-letter topic: one dead letter).
 
     Example:
         >>> w = Where.parse(["error_class=ValueError,KeyError"])
@@ -115,7 +116,7 @@ class Where:
 
     terms: tuple[tuple[str, frozenset[str]], ...] = ()
 
-    FIELDS = ("error_class", "key", "stage", "topic", "partition")
+    FIELDS = ("error_class", "key", "stage", "topic", "partition", "at")
 
     @classmethod
     def parse(cls, expressions: Iterable[str]) -> Where:
@@ -153,6 +154,8 @@ def _field(record: DeadLetterRecord, name: str) -> str:
         return (record.key or b"").decode("utf-8", "replace")
     if name == "stage":
         return record.stage
+    if name == "at":
+        return f"{record.partition}@{record.offset}"
     return record.header(dl.TOPIC if name == "topic" else dl.PARTITION)
 
 

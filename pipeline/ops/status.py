@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -96,27 +96,67 @@ async def pipeline_status(
     Raises:
         BrokerUnavailableError: No broker answers.
     """
-    nodes = list(pipeline.nodes())
-    args = connection(bootstrap).client_args()
-    admin = AIOKafkaAdminClient(**args, client_id="pipeline-status")
-    reader = AIOKafkaConsumer(**args, enable_auto_commit=False)
-    await start_client(admin, bootstrap, "reading the pipeline's status")
-    try:
-        await reader.start()
-        first = await _sample(admin, reader, nodes)
+    async with StatusSampler(bootstrap, pipeline.nodes()) as sampler:
+        await sampler.sample()
         await asyncio.sleep(interval)
-        second = await _sample(admin, reader, nodes)
-        groups = await _describe(admin, [n.group for n in nodes])
-    except KafkaError as exc:
-        raise translate(exc, "reading the pipeline's status") from exc
-    finally:
+        return await sampler.sample()
+
+
+class StatusSampler:
+    """Samples the status of stages again and again over the same clients (the dashboard's
+    live view); rates are over the time since the previous sample (0 at the first).
+
+    Example:
+        >>> async with StatusSampler(bootstrap, pipeline.nodes()) as sampler:  # doctest: +SKIP
+        ...     await sampler.sample(); await asyncio.sleep(1)
+        ...     statuses = await sampler.sample()
+    """
+
+    def __init__(
+        self, bootstrap: Bootstrap, nodes: Iterable[StageNode], ask_within: float = 2.0
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.nodes = list(nodes)
+        self._ask_within = ask_within
+        args = connection(bootstrap).client_args()
+        self._admin = AIOKafkaAdminClient(**args, client_id="pipeline-status")
+        self._reader = AIOKafkaConsumer(**args, enable_auto_commit=False)
+        self._previous: _Sample | None = None
+
+    async def __aenter__(self) -> StatusSampler:
+        await start_client(self._admin, self.bootstrap, "reading the pipeline's status")
+        try:
+            await self._reader.start()
+        except KafkaError as exc:
+            await self._close()
+            raise translate(exc, "reading the pipeline's status") from exc
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
         with contextlib.suppress(Exception):
-            await reader.stop()
+            await self._reader.stop()
         with contextlib.suppress(Exception):
-            await admin.close()
-    statuses = [_stage(node, first, second, groups) for node in nodes]
-    await _ask_workers([m for s in statuses for m in s.members])
-    return statuses
+            await self._admin.close()
+
+    async def sample(self) -> list[StageStatus]:
+        """Every stage's status now.
+
+        Raises:
+            BrokerUnavailableError: The broker stopped answering.
+        """
+        try:
+            second = await _sample(self._admin, self._reader, self.nodes)
+            groups = await _describe(self._admin, [n.group for n in self.nodes])
+        except KafkaError as exc:
+            raise translate(exc, "reading the pipeline's status") from exc
+        first = self._previous or second
+        self._previous = second
+        statuses = [_stage(node, first, second, groups) for node in self.nodes]
+        await _ask_workers([m for s in statuses for m in s.members], self._ask_within)
+        return statuses
 
 
 async def _sample(

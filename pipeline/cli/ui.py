@@ -1,0 +1,52 @@
+"""``pipeline ui MODULE:PIPELINE... [--port N]``: the web dashboard (:mod:`pipeline.ui`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Annotated
+
+import typer
+
+from pipeline.cli.commands import BootstrapOpt, bootstrap_address
+from pipeline.cli.console import console
+from pipeline.loader import load_pipeline
+
+out = console()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ui")(ui)
+
+
+def ui(
+    refs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="MODULE:PIPELINE...",
+            help="One or more pipelines, drawn as one graph (branches join at their topics).",
+        ),
+    ],
+    bootstrap: BootstrapOpt = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="0: any free port.")] = 8642,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; anything but loopback exposes the dashboard.")
+    ] = "127.0.0.1",
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between live updates.")] = 1.0,
+) -> None:
+    """Serve the dashboard: topology with live rates and lag, dead letters browsed and
+    replayed, jobs looked up. Prints the address to open, with the token replays need."""
+    from pipeline.ui import UiOptions, serve
+
+    pipelines = [load_pipeline(ref) for ref in refs]
+    address = bootstrap_address(bootstrap)
+    options = UiOptions(host=host, port=port, interval=interval)
+
+    def started(dashboard: object) -> None:
+        url = getattr(dashboard, "url", "")
+        out.print(f"dashboard of {', '.join(p.name for p in pipelines)} on {address}")
+        out.print(f"open [bold]{url}[/] (the token in it allows replays; Ctrl-C stops)")
+        print(f"url: {url}", flush=True)  # one plain line for scripts (never wrapped)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(address, pipelines, options, started))

@@ -116,7 +116,9 @@ class Dashboard:
             asyncio.create_task(self._sample_forever()),
             asyncio.create_task(self.index.run()),
         ]
-        self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(
+            self.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0
+        )  # an open live stream must not hold a stop for a minute
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.options.host, self.options.port)
         try:

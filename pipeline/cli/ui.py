@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Annotated
 
 import typer
@@ -38,6 +39,10 @@ def ui(
     replayed, jobs looked up. Prints the address to open, with the token replays need."""
     from pipeline.ui import UiOptions, serve
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # The page shows a broker that does not answer (and the log says so once per try):
+    # aiokafka's own line per connection attempt would only repeat it.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     pipelines = [load_pipeline(ref) for ref in refs]
     address = bootstrap_address(bootstrap)
     options = UiOptions(host=host, port=port, interval=interval)

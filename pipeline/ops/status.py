@@ -124,7 +124,11 @@ class StatusSampler:
         self._previous: _Sample | None = None
 
     async def __aenter__(self) -> StatusSampler:
-        await start_client(self._admin, self.bootstrap, "reading the pipeline's status")
+        try:
+            await start_client(self._admin, self.bootstrap, "reading the pipeline's status")
+        except BaseException:
+            await self._close()  # the reader too: it was made, never started
+            raise
         try:
             await self._reader.start()
         except KafkaError as exc:

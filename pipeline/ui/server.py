@@ -150,6 +150,7 @@ class Dashboard:
     async def _sample_forever(self) -> None:
         """Sample every stage's status each ``interval``; a broker that goes away is retried."""
         interval = self.options.interval
+        failing: str | None = None  # logged once per episode, shown on the page throughout
         while True:
             try:
                 sampler = StatusSampler(
@@ -160,9 +161,15 @@ class Dashboard:
                         started = time.monotonic()
                         statuses = await sampler.sample()
                         await self._publish(self._snapshot(statuses))
+                        if failing is not None:
+                            log.info("status: the broker answers again")
+                            failing = None
                         await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
             except PipelineError as exc:
-                await self._publish({**self.snapshot, "at": _now_ms(), "error": str(exc)})
+                if failing is None:
+                    log.warning("status: %s (trying again every %.0f s)", exc, interval)
+                failing = str(exc)
+                await self._publish({**self.snapshot, "at": _now_ms(), "error": failing})
                 await asyncio.sleep(interval)
 
     def _snapshot(self, statuses: list[StageStatus]) -> dict[str, Any]:

@@ -75,6 +75,12 @@
     label.textContent = `${new Date(series[0].start_ms).toLocaleString()} onwards, per ${unit}, highest ${ui.fmt(max)}`; svg.append(label);
   }
 
+  function headers(all) {
+    const list = ui.el("dl", { class: "headers" });
+    for (const [k, v] of Object.entries(all)) list.append(ui.el("dt", {}, k), ui.el("dd", {}, v));
+    return ui.el("details", {}, ui.el("summary", {}, `${Object.keys(all).length} headers`), list);
+  }
+
   function row(r) {
     const value = typeof r.value === "string" ? r.value : JSON.stringify(r.value);
     const btn = ui.el("button", { type: "button", class: "replay-one", "data-at": r.at }, "Replay");
@@ -87,7 +93,7 @@
       ui.el("td", {}, r.error_message),
       ui.el("td", { class: "num" }, r.attempts),
       ui.el("td", {}, r.at),
-      ui.el("td", { class: "value" }, value),
+      ui.el("td", { class: "value" }, value, headers(r.headers)),
       ui.el("td", {}, btn, r.replayed ? ui.el("span", { class: "tag" }, "replayed") : ""));
     return tr;
   }

@@ -25,6 +25,7 @@ from bench import (
     latency,
     ops_overhead,
     priority,
+    publisher,
     restore,
     security,
     stage_throughput,
@@ -45,6 +46,7 @@ BENCHMARKS = (
     dedup_memory.NAME,
     faust_adapter.NAME,
     latency.NAME,
+    publisher.NAME,
 )
 NO_BROKER = frozenset({dedup_memory.NAME})
 
@@ -268,6 +270,12 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                 partitions=args.partitions, results=args.results,
             )  # fmt: skip
             await latency.run(bootstrap, broker, config, topics)
+        if publisher.NAME in args.only:
+            config = publisher.Config(
+                records=min(args.records, 100_000), partitions=args.partitions,
+                keys=args.keys, repeat=args.repeat, results=args.results,
+            )  # fmt: skip
+            await publisher.run(bootstrap, broker, config, topics)
         if faust_adapter.NAME in args.only:  # Faust is slow: its own record count
             config = faust_adapter.Config(
                 records=args.faust_records or faust_adapter.RECORDS,

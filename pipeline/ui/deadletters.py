@@ -7,9 +7,9 @@ A dead-letter topic may hold millions of records; none of this keeps records in 
   10 seconds by error class, and the dead letters that replay receipts (``P.S.dlq.replays``) say
   were replayed. Until it has caught up, its summary says how far it got.
 - :class:`DlqBrowser` reads one page of a stage's dead letters, newest first, matching a
-  :class:`~pipeline.dlq.Where` and a time range: it reads backwards from a cursor in growing
-  windows until a page is full or a scan budget is spent (then the page says so, and the next
-  page goes on from where the scan stopped).
+  :class:`~pipeline.dlq.Where` and a time range: it reads each partition backwards from a
+  cursor in growing windows, merging the partitions by time, until a page is full or a scan
+  budget is spent (then the page says so, and the next page goes on from where it stopped).
 - :class:`ReplayRuns` runs :func:`pipeline.dlq.replay` (the code behind ``pipeline dlq
   replay``) in the background, a dry run first to count what would go, and reports progress.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -289,42 +290,37 @@ class DlqBrowser:
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         if not tps:
             return Page([], None, 0, True)
-        consumer.assign(tps)
-        starts = await consumer.beginning_offsets(tps)
-        ends = await consumer.end_offsets(tps)
-        low = {tp.partition: starts[tp] for tp in tps}
-        high = {tp.partition: ends[tp] for tp in tps}
-        if query.since_ms is not None:
-            found = await consumer.offsets_for_times(dict.fromkeys(tps, query.since_ms))
-            for tp, at in found.items():
-                low[tp.partition] = at.offset if at is not None else ends[tp]
-        if query.until_ms is not None:
-            found = await consumer.offsets_for_times(dict.fromkeys(tps, query.until_ms))
-            for tp, at in found.items():
-                high[tp.partition] = at.offset if at is not None else ends[tp]
-        if query.cursor is not None:
-            for p, at in query.cursor.items():
-                if p in high:
-                    high[p] = min(high[p], at)
-        matches: dict[int, list[DeadLetterRecord]] = {p: [] for p in high}
-        scanned, window = 0, max(query.limit, 100)
-        while scanned < self.budget and sum(len(m) for m in matches.values()) < query.limit:
+        low, high = await _bounds(consumer, tps, query)
+        # A merge by time over the partitions, read backwards a window at a time: a match may
+        # be shown once no partition can still hold a newer one (``floor``: the newest of the
+        # oldest timestamps read so far in each partition not read to its start).
+        matches: list[DeadLetterRecord] = []
+        oldest_read = dict.fromkeys(high, math.inf)
+        window = dict.fromkeys(high, max(query.limit, 100))
+        scanned = 0
+        while True:
             open_parts = [p for p in high if high[p] > low[p]]
-            if not open_parts:
+            floor = max((oldest_read[p] for p in open_parts), default=-math.inf)
+            ready = [r for r in matches if r.timestamp >= floor]
+            if len(ready) >= query.limit or not open_parts or scanned >= self.budget:
                 break
             for p in open_parts:
-                begin = max(low[p], high[p] - window)
+                if oldest_read[p] != floor:
+                    continue  # another partition holds the floor: read that one first
+                begin = max(low[p], high[p] - window[p])
                 chunk = await _read_range(consumer, TopicPartition(topic, p), begin, high[p])
                 scanned += high[p] - begin
-                found = [r for r in chunk if _in_time(r, query) and query.where.matches(r)]
-                matches[p][:0] = found  # keep offset order, oldest first
+                if chunk:
+                    oldest_read[p] = min(r.timestamp for r in chunk)
+                matches += [r for r in chunk if _in_time(r, query) and query.where.matches(r)]
                 high[p] = begin
-            window = min(window * 4, 5_000)  # few matches: read further back at a time
-        # The page: the newest ``limit`` matches; the cursor resumes right after what it shows.
-        ranked = sorted(
-            (r for rows in matches.values() for r in rows), key=lambda r: (-r.timestamp, -r.offset)
-        )
-        shown, rest = ranked[: query.limit], ranked[query.limit :]
+                window[p] = min(window[p] * 4, 5_000)  # few matches: read further at a time
+        # The page: the newest ``limit`` of the matches that may be shown; the cursor resumes
+        # right after them, so what was read and not shown is read again by the next page.
+        ranked = sorted(ready, key=lambda r: (-r.timestamp, -r.offset))
+        shown = ranked[: query.limit]
+        kept = {(r.partition, r.offset) for r in shown}
+        rest = [r for r in matches if (r.partition, r.offset) not in kept]
         cursor = dict(high)
         for record in rest:  # not shown: the next page reads them again
             cursor[record.partition] = max(cursor[record.partition], record.offset + 1)
@@ -332,6 +328,30 @@ class DlqBrowser:
         rows = [_row(pipeline, node, r, replayed) for r in shown]
         complete = len(shown) >= query.limit or not more
         return Page(rows, PageQuery.format_cursor(cursor) if more else None, scanned, complete)
+
+
+async def _bounds(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], query: PageQuery
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Per partition, the offsets a page may read: ``[low, high)`` from the time range, the
+    cursor and the partition's start and (stable) end."""
+    consumer.assign(tps)
+    starts = await consumer.beginning_offsets(tps)
+    ends = await consumer.end_offsets(tps)
+    low = {tp.partition: starts[tp] for tp in tps}
+    high = {tp.partition: ends[tp] for tp in tps}
+    if query.since_ms is not None:
+        found = await consumer.offsets_for_times(dict.fromkeys(tps, query.since_ms))
+        for tp, at in found.items():
+            low[tp.partition] = at.offset if at is not None else ends[tp]
+    if query.until_ms is not None:
+        found = await consumer.offsets_for_times(dict.fromkeys(tps, query.until_ms))
+        for tp, at in found.items():
+            high[tp.partition] = at.offset if at is not None else ends[tp]
+    for p, at in (query.cursor or {}).items():
+        if p in high:
+            high[p] = min(high[p], at)
+    return low, high
 
 
 async def _read_range(

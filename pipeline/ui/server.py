@@ -226,7 +226,9 @@ class Dashboard:
                 return web.Response(
                     status=403, text="wrong token: use the address printed at start"
                 )
-            response = web.Response(status=303, headers={"Location": request.path})
+            query = {k: v for k, v in request.query.items() if k != "token"}
+            rest = request.rel_url.with_query(query)  # the page asked for, minus the token
+            response = web.Response(status=303, headers={"Location": str(rest)})
             response.set_cookie(TOKEN_COOKIE, self.token, samesite="Strict", path="/")
             return response
         try:

@@ -49,9 +49,10 @@ def ui(
 
     def started(dashboard: object) -> None:
         url = getattr(dashboard, "url", "")
-        out.print(f"dashboard of {', '.join(p.name for p in pipelines)} on {address}")
-        out.print(f"open [bold]{url}[/] (the token in it allows replays; Ctrl-C stops)")
-        print(f"url: {url}", flush=True)  # one plain line for scripts (never wrapped)
+        names = ", ".join(p.name for p in pipelines)
+        out.print(f"dashboard of {names} on {address}: open the address below (its token")
+        out.print("allows replays; without it the pages are read-only). Ctrl-C stops.")
+        print(f"url: {url}", flush=True)  # one plain line, never wrapped: scripts read it
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(address, pipelines, options, started))

@@ -254,9 +254,11 @@ class DlqBrowser:
 
     async def _reader(self) -> AIOKafkaConsumer:
         if self._consumer is None:
+            # A page seeks from window to window: a fetch still waiting at a partition's end
+            # (the broker holds it up to fetch_max_wait_ms) must not delay the next window.
             consumer = AIOKafkaConsumer(
                 **connection(self.bootstrap).client_args(), enable_auto_commit=False,
-                isolation_level="read_committed", max_poll_records=5_000,
+                isolation_level="read_committed", max_poll_records=5_000, fetch_max_wait_ms=20,
             )  # fmt: skip
             await start_client(consumer, self.bootstrap, "reading dead letters")
             self._consumer = consumer

@@ -222,7 +222,7 @@ class Dashboard:
             return web.json_response({"error": f"not a loopback host: {host}"}, status=421)
         given = request.query.get("token")
         if given is not None and request.method == "GET" and "/api/" not in request.path:
-            if not hmac.compare_digest(given, self.token):
+            if not _same(given, self.token):
                 return web.Response(
                     status=403, text="wrong token: use the address printed at start"
                 )
@@ -242,7 +242,7 @@ class Dashboard:
     def _authorized(self, request: web.Request) -> str | None:
         """Why a changing request is refused (``None``: it may go on)."""
         given = request.headers.get(TOKEN_HEADER, "")
-        if not given or not hmac.compare_digest(given, self.token):
+        if not given or not _same(given, self.token):
             return f"a replay needs the token printed at start, in the {TOKEN_HEADER} header"
         origin = request.headers.get("Origin")
         if origin is not None and origin.split("://", 1)[-1] != request.host:
@@ -252,7 +252,7 @@ class Dashboard:
         return None
 
     def _render(self, name: str, request: web.Request, **context: Any) -> web.Response:
-        unlocked = hmac.compare_digest(request.cookies.get(TOKEN_COOKIE, ""), self.token)
+        unlocked = _same(request.cookies.get(TOKEN_COOKIE, ""), self.token)
         html = self._templates.get_template(name).render(
             pipelines=[p.name for p in self.pipelines], unlocked=unlocked, **context
         )
@@ -332,7 +332,7 @@ class Dashboard:
         query = PageQuery(
             where=Where.parse(terms), since_ms=_ms(q.get("since")), until_ms=_ms(q.get("until")),
             cursor=PageQuery.parse_cursor(q.get("cursor", "")),
-            limit=min(200, max(1, int(q.get("limit", "50")))),
+            limit=min(200, max(1, _number(q.get("limit", "50"), "limit"))),
         )  # fmt: skip
         started = time.monotonic()
         counts = self.index.counts[node.dlq_topic]
@@ -383,6 +383,12 @@ class Dashboard:
         return web.json_response({"error": f"no job {ident!r} in the status table"}, status=404)
 
 
+def _same(given: str, token: str) -> bool:
+    """A constant-time comparison that takes any text (``compare_digest`` refuses non-ASCII
+    strings, and a header is the sender's choice)."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode())
+
+
 def _member(m: Member) -> dict[str, Any]:
     return {
         "client_id": m.client_id, "host": m.host, "partitions": m.partitions,
@@ -392,12 +398,14 @@ def _member(m: Member) -> dict[str, Any]:
 
 def _ms(text: str | None) -> int | None:
     """A time from the page: milliseconds since the epoch (``None``: not given)."""
-    if not text:
-        return None
+    return _number(text, "a time in milliseconds") if text else None
+
+
+def _number(text: str, what: str) -> int:
     try:
         return int(text)
     except ValueError as exc:
-        raise ConfigError(f"not a time in milliseconds: {text!r}") from exc
+        raise ConfigError(f"not {what}: {text!r}") from exc
 
 
 def _now_ms() -> int:

@@ -168,6 +168,9 @@ async def test_pages_render_and_the_token_unlocks_replays_only_from_the_same_ori
                                 headers={TOKEN_HEADER: "s3cret"})  # fmt: skip
         assert bad.status == 400 and "unknown field 'colour'" in (await bad.json())["error"]
 
+        odd = await client.post(url, json=body, headers={TOKEN_HEADER: "s3crét"})
+        assert odd.status == 403  # a non-ASCII token is refused, not a server error
+        assert (await client.get("/api/dlq/validate/records?limit=many")).status == 400
         rebound = await client.get("/api/topology", headers={"Host": "attacker.example:8642"})
         assert rebound.status == 421
         jobs = await client.get("/api/jobs/j-1")

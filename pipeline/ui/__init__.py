@@ -3,9 +3,10 @@
 - the **topology**: stages and topics drawn as a graph (:mod:`.topology`), each stage coloured
   by health, with its instances, rates and lag updated live from the same sampler as
   ``pipeline status`` (server-sent events);
-- **dead letters** per stage (:mod:`.deadletters`): counts by error class over time, a paged,
+- **dead letters** per stage: counts by error class over time (:mod:`.counts`), a paged,
   filtered table of decoded dead letters that never loads a topic into memory, and replays
-  (one record or a filtered set, counted first) through the code of ``pipeline dlq replay``;
+  (one record or a filtered set, counted first; :mod:`.pages`, :mod:`.replays`) through the
+  code of ``pipeline dlq replay``;
 - **jobs** looked up by id in the status table of a pipeline built with ``.with_jobs()``.
 
 :mod:`.server` is the aiohttp application; pages are Jinja templates, scripts and styles are

@@ -36,7 +36,9 @@ from pipeline.errors import ConfigError, DefinitionError, PipelineError, TopicEr
 from pipeline.jobs import read_history
 from pipeline.ops.status import Member, StageStatus, StatusSampler
 from pipeline.security import Bootstrap
-from pipeline.ui.deadletters import DlqBrowser, DlqIndex, PageQuery, ReplayRuns
+from pipeline.ui.counts import DlqIndex
+from pipeline.ui.pages import DlqBrowser, PageQuery
+from pipeline.ui.replays import ReplayRuns
 from pipeline.ui.topology import graph, stage_id
 
 log = logging.getLogger(__name__)

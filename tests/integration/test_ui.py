@@ -189,7 +189,7 @@ def test_dashboard_on_the_orders_pipeline(kafka_bootstrap: str, tmp_path: Path) 
             assert len(moving) >= 2, f"validate's in/s never moved: {seen}"
             screenshot(driver, "topology")
             expected = work.expected.confirmed
-            got = asyncio.run(_wait_count(kafka_bootstrap, outbox, expected))
+            got = asyncio.run(wait_for_count(kafka_bootstrap, outbox, expected, 120))
             assert got == expected, f"outbox {got}, expected {expected}"
 
             # The validate DLQ by class.
@@ -229,7 +229,9 @@ def test_dashboard_on_the_orders_pipeline(kafka_bootstrap: str, tmp_path: Path) 
                 tmp_path / "validate-fixed.log", http,
             )  # fmt: skip
             replay_from_page(driver, SPRING_ORDERS)
-            after = asyncio.run(_wait_count(kafka_bootstrap, outbox, expected + SPRING_ORDERS))
+            after = asyncio.run(
+                wait_for_count(kafka_bootstrap, outbox, expected + SPRING_ORDERS, 120)
+            )
             asyncio.run(wait_drained(kafka_bootstrap, f"{name}.validate", f"{name}.placed"))
             asyncio.run(wait_drained(kafka_bootstrap, f"{name}.notify", f"{name}.fraud"))
             assert after == expected + SPRING_ORDERS
@@ -282,10 +284,6 @@ def _chips(driver: Any) -> dict[str, int]:
             chip.find_element(By.TAG_NAME, "b").text.replace(",", "")
         )
     return found
-
-
-async def _wait_count(bootstrap: str, topic: str, expected: int, within: float = 120) -> int:
-    return await wait_for_count(bootstrap, topic, expected, within)
 
 
 async def _submit_job(bootstrap: str, pipeline: Pipeline) -> str:
@@ -415,7 +413,7 @@ async def test_pages_of_dead_letters_cover_each_once_with_filters(kafka_bootstra
 
     from pipeline.dlq import Where, replay
     from pipeline.runtime.topics import TopicSpec, ensure_topics
-    from pipeline.ui.deadletters import DlqBrowser, PageQuery
+    from pipeline.ui.pages import DlqBrowser, PageQuery
 
     pipeline = orders(f"uipage{uuid.uuid4().hex[:6]}")
     node = pipeline.node("validate")

@@ -14,7 +14,8 @@ from pipeline import DedupPolicy, Pipeline, Priority, SchemaStore, stage
 from pipeline.dlq import DeadLetterRecord, Where
 from pipeline.ops.status import Member, StageStatus
 from pipeline.ui import Dashboard, UiOptions, graph
-from pipeline.ui.deadletters import DlqIndex, PageQuery, TopicCounts
+from pipeline.ui.counts import DlqIndex, TopicCounts
+from pipeline.ui.pages import PageQuery
 from pipeline.ui.server import TOKEN_COOKIE, TOKEN_HEADER, health_of
 from stages import MemoryTable, branch, route
 

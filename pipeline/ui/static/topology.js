@@ -51,8 +51,8 @@
       transform: `translate(${box.x - box.width / 2},${box.y - box.height / 2})` }, parent);
     make("rect", { width: box.width, height: box.height, rx: n.kind === "stage" ? 8 : 4 }, grp);
     const title = make("text", { x: 10, y: n.kind === "stage" ? 20 : 19, class: "title" }, grp);
-    title.textContent = n.kind === "stage" ? n.label : n.label;
-    if (n.kind !== "stage") title.setAttribute("class", "");
+    title.textContent = n.label;
+    if (n.kind !== "stage") title.removeAttribute("class");
     if (n.kind === "stage") {
       const line1 = make("text", { x: 10, y: 37, class: "metrics", "data-metric": "rates" }, grp);
       const line2 = make("text", { x: 10, y: 53, class: "metrics", "data-metric": "lag" }, grp);

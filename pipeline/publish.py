@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -41,12 +41,13 @@ from pipeline.record import (
     SEQ_HEADER,
     TRACE_HEADER,
     WRITER_HEADER,
-    decode_seq,
     encode_seq,
 )
 from pipeline.runtime.diagnose import start_client
 from pipeline.runtime.kafka import BatchWriter, partition_for, translate
 from pipeline.security import Bootstrap, connection
+
+_PARTITION_CACHE = 65_536  # keys whose partition a publisher remembers
 
 
 class Stamp(NamedTuple):
@@ -170,22 +171,41 @@ class Events:
         Raises:
             EncodeError: The value breaks the schema or lacks the key field.
         """
+        stamp, data, stamped = self.stamped(
+            value, seq=seq, event_id=event_id, traceparent=traceparent, headers=headers
+        )
+        return stamp.key, data, stamped
+
+    def stamped(
+        self,
+        value: Any,
+        *,
+        seq: int | None = None,
+        event_id: bytes | str | None = None,
+        traceparent: bytes | str | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+        trace_lookup: bool = True,
+    ) -> tuple[Stamp, bytes, list[tuple[str, bytes]]]:
+        """:meth:`record`, with the stamp (key, seq, event id) instead of the key alone;
+        without ``trace_lookup`` a missing ``traceparent`` stays missing (the caller looked
+        it up once for many events)."""
         key = self.check(value)
         data = self.codec.encode(value)
         if seq is None:
             seq = self.clock.next(key)
         if event_id is None:
-            eid = uuid.uuid4().bytes
+            eid = os.urandom(16)  # 128 random bits, as unique as a uuid4's 122
         else:
             eid = event_id.encode() if isinstance(event_id, str) else event_id
         stamped = [(SEQ_HEADER, encode_seq(seq)), (WRITER_HEADER, self.writer), (ID_HEADER, eid)]
-        if traceparent is None and self._otel:
+        if traceparent is None and self._otel and trace_lookup:
             traceparent = current_traceparent()
         if traceparent is not None:
             trace = traceparent.encode() if isinstance(traceparent, str) else traceparent
             stamped.append((TRACE_HEADER, trace))
-        stamped.extend(headers)
-        return key, data, stamped
+        if headers:
+            stamped.extend(headers)
+        return Stamp(key, seq, eid), data, stamped
 
 
 async def _refused(producer: AIOKafkaProducer, topic: str) -> None:
@@ -236,11 +256,13 @@ class Publisher:
         self._bootstrap = bootstrap
         self._linger_ms = linger_ms
         self._partitions = 0
+        self._partition_of: dict[bytes, int] = {}
         # Created in __aenter__: aiokafka needs a running event loop (see SyncPublisher).
         self._producer: AIOKafkaProducer | None = None
         self._writer: BatchWriter | None = None
-        self._flush_lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()  # dispatches one at a time, in buffer order
         self._next_flush: asyncio.Future[None] | None = None
+        self._in_flight: asyncio.Future[None] | None = None  # the last dispatch's durability
 
     async def __aenter__(self) -> Publisher:
         producer = self._producer = AIOKafkaProducer(
@@ -282,6 +304,7 @@ class Publisher:
                 ) from exc
             raise translate(exc, "starting the publisher", topic=self.topic) from exc
         self._partitions = len(parts)
+        self._partition_of = {}
         return self
 
     async def __aexit__(
@@ -316,14 +339,37 @@ class Publisher:
         Raises:
             EncodeError: The value breaks the schema; nothing was buffered.
         """
-        key, data, stamped = self._events.record(
-            value, seq=seq, event_id=event_id, traceparent=traceparent, headers=headers
+        return self._buffer(value, seq, event_id, traceparent, headers, trace_lookup=True)
+
+    def _buffer(
+        self,
+        value: Any,
+        seq: int | None,
+        event_id: bytes | str | None,
+        traceparent: bytes | str | None,
+        headers: Sequence[tuple[str, bytes]],
+        *,
+        trace_lookup: bool,
+    ) -> Stamp:
+        stamp, data, stamped = self._events.stamped(
+            value,
+            seq=seq,
+            event_id=event_id,
+            traceparent=traceparent,
+            headers=headers,
+            trace_lookup=trace_lookup,
         )
         writer = self._writer
         if writer is None:
             raise PipelineError("use the publisher inside 'async with Publisher(...)'")
-        writer.append(self.topic, partition_for(key, self._partitions), key, data, stamped, None)
-        return Stamp(key, decode_seq(stamped[0][1]), stamped[2][1])
+        key = stamp.key
+        partition = self._partition_of.get(key)
+        if partition is None:  # keys repeat (per-key sequences): murmur2 once per key
+            if len(self._partition_of) >= _PARTITION_CACHE:
+                self._partition_of.clear()
+            partition = self._partition_of[key] = partition_for(key, self._partitions)
+        writer.append(self.topic, partition, key, data, stamped, None)
+        return stamp
 
     async def publish(
         self,
@@ -363,30 +409,67 @@ class Publisher:
         return stamp
 
     async def publish_many(self, values: Iterable[Any]) -> list[Stamp]:
-        """Publish several events; return once all are durable (see :meth:`buffer`)."""
+        """Publish several events; return once all are durable (see :meth:`buffer`).
+
+        Every ``batch_records`` events go to the producer while the next ones are encoded;
+        at most two such chunks are in flight.
+        """
         stamps = []
+        writer = self._writer
+        if writer is None:
+            raise PipelineError("use the publisher inside 'async with Publisher(...)'")
+        previous: asyncio.Future[None] | None = None
+        # One call, one caller's span: its trace context is looked up once, not per event.
+        trace = current_traceparent() if self._events._otel else None
         for value in values:
-            stamps.append(self.buffer(value))
-            if self._writer is not None and self._writer.buffered >= self.batch_records:
-                await self.flush()
+            stamps.append(self._buffer(value, None, None, trace, (), trace_lookup=False))
+            if writer.buffered >= self.batch_records:
+                async with self._flush_lock:
+                    sent = await self._dispatch()
+                if previous is not None:
+                    await asyncio.shield(previous)
+                previous = sent
         await self.flush()
         return stamps
 
     async def flush(self) -> None:
-        """Send everything buffered and wait until it is durable (acks=all)."""
+        """Send everything buffered and wait until it is durable (acks=all), and every earlier
+        flush is over."""
+        if self._writer is None:  # never started: nothing can be buffered
+            return
         async with self._flush_lock:
-            await self._flush_now()
+            sent = await self._dispatch()
+        await asyncio.shield(sent)
 
-    async def _flush_now(self) -> None:
-        if self._writer is not None:
-            self.sent += await self._writer.flush()
+    async def _dispatch(self) -> asyncio.Future[None]:
+        """Hand everything buffered to the producer (the caller holds the flush lock, so
+        records reach it in the order they were buffered); return a future that is done when
+        these records are durable and every dispatch before them is over (each dispatch's
+        waiters get its error)."""
+        writer = self._writer
+        if writer is None:
+            raise PipelineError("use the publisher inside 'async with Publisher(...)'")
+        count = writer.buffered
+        batches = writer.take()  # synchronously: records buffered from here on are the next's
+        futures = await writer.dispatch(batches)
+        before = self._in_flight
+
+        async def durable() -> None:
+            if before is not None:  # done or failed: a failure is raised to its own waiters
+                await asyncio.wait([before])
+            await writer.acknowledged(batches, futures)
+            self.sent += count
+
+        sent = self._in_flight = asyncio.ensure_future(durable())
+        sent.add_done_callback(_retrieve)
+        return sent
 
     async def _group_flush(self) -> None:
         """Wait for a flush that started after this caller's record was buffered.
 
         The next flush is shared by every caller that buffers before it starts; it starts as
-        soon as the flush in flight (if any) is done, so records wait at most one round trip
-        plus the one in flight.
+        soon as the flush in flight (if any) is durable, so records wait at most one round
+        trip plus the one in flight, and overlapping callers share batches.
         """
         pending = self._next_flush
         if pending is None:
@@ -395,12 +478,16 @@ class Publisher:
         await asyncio.shield(pending)
 
     async def _run_next_flush(self) -> None:
-        async with self._flush_lock:  # after the flush in flight
+        async with self._flush_lock:
+            if self._in_flight is not None:  # collect callers while it flies
+                with contextlib.suppress(Exception):  # its callers have its error
+                    await asyncio.shield(self._in_flight)
             await asyncio.sleep(0)  # callers scheduled in the same tick join this flush
-            # Records buffered from here on wait for the following flush; the writer takes
-            # its buffer synchronously at the start of _flush_now (no await in between).
+            # Records buffered from here on wait for the following flush (_dispatch takes
+            # the writer's buffer synchronously).
             self._next_flush = None
-            await self._flush_now()
+            sent = await self._dispatch()
+        await asyncio.shield(sent)
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:

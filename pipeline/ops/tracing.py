@@ -21,6 +21,7 @@ an exporter, configured before the stages start); only the API is a dependency h
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -52,11 +53,19 @@ def spans_recorded() -> bool:
     return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
-def current_traceparent() -> bytes | None:
-    """The W3C ``traceparent`` of the caller's current span, if OpenTelemetry has one."""
+@functools.cache
+def _current_span() -> Callable[[], Any]:
     from opentelemetry import trace
 
-    ctx = trace.get_current_span().get_span_context()
+    return trace.get_current_span
+
+
+def current_traceparent() -> bytes | None:
+    """The W3C ``traceparent`` of the caller's current span, if OpenTelemetry has one.
+
+    A publisher asks for every event: the import is looked up once, not per call.
+    """
+    ctx = _current_span()().get_span_context()
     if not ctx.is_valid:
         return None
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}".encode()

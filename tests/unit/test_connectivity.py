@@ -173,7 +173,8 @@ def test_existing_topics_with_too_few_replicas_are_refused() -> None:
 
 
 class SlowWriter:
-    """Stands in for the BatchWriter: each flush takes 10 ms and records what it sent."""
+    """Stands in for the BatchWriter: each send is acknowledged 10 ms after it is dispatched,
+    and records what it sent."""
 
     def __init__(self) -> None:
         self.buffer: list[Any] = []
@@ -187,12 +188,21 @@ class SlowWriter:
     def append(self, topic: str, part: int, key: bytes, *rest: Any) -> None:
         self.buffer.append(key)
 
-    async def flush(self) -> int:
+    def take(self) -> list[Any]:
         batch, self.buffer = self.buffer, []
-        await asyncio.sleep(0.01)
-        self.flushed.append(batch)
-        self.durable.update(batch)
-        return len(batch)
+        return batch
+
+    async def dispatch(self, batch: list[Any]) -> list[asyncio.Task[None]]:
+        async def acked() -> None:
+            await asyncio.sleep(0.01)
+            if batch:
+                self.flushed.append(batch)
+            self.durable.update(batch)
+
+        return [asyncio.create_task(acked())]
+
+    async def acknowledged(self, batch: list[Any], futures: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*futures)
 
 
 async def test_publish_returns_once_its_record_is_durable_and_overlapping_calls_share() -> None:

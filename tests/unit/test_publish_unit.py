@@ -1,4 +1,4 @@
-"""The publisher without a broker: sequence numbers and input validation."""
+"""The publisher without a broker: sequence numbers, input validation, partitioning."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import EncodeError, Publisher, SchemaStore, SyncPublisher, publish
 from pipeline.publish import SequenceClock
+from pipeline.runtime.kafka import murmur2, partition_for
 
 SCHEMAS = Path(__file__).parent / "schemas_worker"
 DUMMY = "localhost:1"  # never connected: the publisher is not started
@@ -123,3 +127,28 @@ async def test_check_rejects_a_null_key_the_schema_allows(
 def test_sync_publisher_can_be_built_without_an_event_loop(store: SchemaStore) -> None:
     pub = SyncPublisher(DUMMY, "orders.in", store.codec("test.worker.Order"), "order_id")
     assert pub.sent == 0
+
+
+# -- partitioning --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "java"),
+    [  # Kafka's own UtilsTest.testMurmur2 (signed, as Java returns it)
+        ("21", -973932308),
+        ("foobar", -790332482),
+        ("a-little-bit-long-string", -985981536),
+        ("a-little-bit-longer-string", -1486304829),
+        ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+        ("abc", 479470107),
+    ],
+)
+def test_murmur2_is_the_java_clients(key: str, java: int) -> None:
+    assert murmur2(key.encode()) == java & 0xFFFFFFFF
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40))
+def test_murmur2_equals_aiokafkas(data: bytes) -> None:
+    assert murmur2(data) == aiokafka_murmur2(data)
+    assert partition_for(data, 7) == (aiokafka_murmur2(data) & 0x7FFFFFFF) % 7

@@ -119,7 +119,7 @@ async def run(bootstrap: str, broker: str, config: Config, topics: common.Topics
     )
     print(report.table(title, summaries, BASELINE))
     if applied:
-        print("PartitionTable.apply alone, in process, no broker (*_sketch: not the framework):")
+        print("PartitionTable.apply_many alone, in process, no broker:")
         for name, a in applied.items():
             rate = f"{a['records_per_s']:>12,.0f}/s"
             print(f"  {name:<26}{a['us_per_record']:>7.3f} us/record {rate}")

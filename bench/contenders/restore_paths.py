@@ -27,8 +27,8 @@ from pipeline.runtime.runner import RunOptions, run_stages
 from pipeline.runtime.state import (
     SEQ_PREFIX,
     MemoryStores,
-    PartitionTable,
     RocksStores,
+    StateTable,
     now_ms,
     position,
 )
@@ -173,8 +173,8 @@ async def transport_read(
     n, t0 = 0, time.monotonic()
     try:
         for p in range(partitions):
-            async for _key, _value in transport.restore(p, 0):
-                n += 1
+            async for batch in transport.restore(p, 0):
+                n += len(batch)
     except Exception as exc:
         result.error = common.describe(exc)
         return result
@@ -251,33 +251,24 @@ async def worker_restore(
 
 
 def apply_timing(keys: int) -> dict[str, Any]:
-    """The apply cost alone, in process, over the same records (no broker).
-
-    ``memory`` and ``rocks`` call the framework's ``PartitionTable.apply``. The ``*_sketch``
-    rows are not the framework: they time the changes recommended in the README on the same
-    records (a lean first-byte dispatch; RocksDB writes in one ``WriteBatch`` per 10,000
-    records with the write-ahead log off), and check they leave the same contents.
-    """
+    """The apply cost alone, in process, over the same records (no broker): the framework's
+    ``PartitionTable.apply_many`` in batches of 10,000 (a restore's fetch), into each store."""
     records = [changelog_record(k) for k in range(keys)]
     out: dict[str, Any] = {}
     policy = DedupPolicy()
-    for name in ("memory", "rocks", "memory_lean_sketch", "rocks_writebatch_sketch"):
+    for name in ("memory", "rocks"):
         directory = Path(tempfile.mkdtemp(prefix="bench-apply-"))
-        stores = RocksStores(directory) if name.startswith("rocks") else MemoryStores()
+        stores = RocksStores(directory) if name == "rocks" else MemoryStores()
         try:
-            store = stores.open("t", 0)
+            table, _ = StateTable("t", policy, stores).open(0)
+            now = now_ms()
             t0 = time.perf_counter()
-            if name.endswith("_sketch"):
-                _apply_sketch(store, records, rocks=name.startswith("rocks"))
-            else:
-                table = PartitionTable(0, store, policy)
-                now = now_ms()
-                for key, value in records:
-                    table.apply(key, value, now)
+            for start in range(0, len(records), 10_000):
+                table.apply_many(records[start : start + 10_000], now)
             seconds = time.perf_counter() - t0
             last_key, last_value = records[-1]
-            same = store.get(last_key) == writers.decode(last_value)
-            stores.close("t", 0, store)
+            same = table.store.get(last_key) == writers.decode(last_value)
+            stores.close("t", 0, table.store)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         out[name] = {
@@ -288,24 +279,3 @@ def apply_timing(keys: int) -> dict[str, Any]:
             "last_entry_as_expected": same,
         }
     return out
-
-
-def _apply_sketch(store: Any, records: list[tuple[bytes, bytes]], *, rocks: bool) -> None:
-    """Sequence entries only (all these records are): what a batched apply would do."""
-    seq = SEQ_PREFIX[0]
-    decode = writers.decode
-    if not rocks:
-        for key, value in records:
-            if key[0] == seq:
-                store[key] = decode(value)
-        return
-    from rocksdict import WriteBatch, WriteOptions
-
-    options: Any = WriteOptions()  # its stub declares a method; at run time it is a property
-    options.disable_wal = True  # a crash mid-restore leaves no checkpoint: rebuilt anyway
-    for start in range(0, len(records), 10_000):
-        batch = WriteBatch()
-        for key, value in records[start : start + 10_000]:
-            if key[0] == seq:
-                batch.put(key, decode(value))
-        store.write(batch, options)

@@ -146,12 +146,12 @@ class FaustStage:
             began = time.monotonic()
             table, start = self.table.open(partition)
             count, now = 0, now_ms()
-            async for key, value in read_changelog(
+            async for batch in read_changelog(
                 self.owner.connection, self.node.state_topic, partition, start,
                 read_committed=False,
             ):  # fmt: skip
-                table.apply(key, value, now)
-                count += 1
+                table.apply_many(batch, now)
+                count += len(batch)
             self.stats.restored += count
             self.stats.restore_seconds += time.monotonic() - began
             log.info(

@@ -276,7 +276,9 @@ class KafkaTransport:
         except kerr.KafkaError as exc:
             raise translate(exc, "reading the committed offset", partition=partition) from exc
 
-    def restore(self, partition: int, start: int) -> AsyncIterator[tuple[bytes, bytes | None]]:
+    def restore(
+        self, partition: int, start: int
+    ) -> AsyncIterator[list[tuple[bytes, bytes | None]]]:
         """The changelog records of ``partition`` from offset ``start`` to its current end."""
         return read_changelog(
             self.connection, self.state_topic, partition, start, read_committed=self.exactly_once
@@ -423,8 +425,10 @@ class KafkaTransport:
 
 async def read_changelog(
     conn: Connection, topic: str, partition: int, start: int, *, read_committed: bool
-) -> AsyncIterator[tuple[bytes, bytes | None]]:
-    """The records of a changelog partition from offset ``start`` to its current end."""
+) -> AsyncIterator[list[tuple[bytes, bytes | None]]]:
+    """The keyed records of a changelog partition from offset ``start`` to its current end,
+    a fetched batch at a time (a million records are a few hundred batches, not a million
+    steps of an async generator)."""
     reader = AIOKafkaConsumer(
         **conn.client_args(),
         enable_auto_commit=False,
@@ -443,12 +447,14 @@ async def read_changelog(
             return
         reader.seek(tp, start)
         while await reader.position(tp) < end:
-            batch = await reader.getmany(tp, timeout_ms=500)
-            for record in batch.get(tp, ()):
-                if record.offset >= end:
-                    return
-                if record.key is not None:
-                    yield record.key, record.value
+            fetched = (await reader.getmany(tp, timeout_ms=500)).get(tp)
+            if not fetched:
+                continue
+            batch = [(r.key, r.value) for r in fetched if r.key is not None and r.offset < end]
+            if batch:
+                yield batch
+            if fetched[-1].offset >= end - 1:
+                return
     except kerr.KafkaError as exc:
         raise translate(exc, "restoring state", topic=topic, partition=partition) from exc
     finally:

@@ -70,11 +70,14 @@ async def lost(worker: StageWorker, partition: int) -> None:
 async def restore(worker: StageWorker, partition: int) -> None:
     table, start = worker.table.open(partition)
     began, now, n = time.monotonic(), now_ms(), 0
-    async for key, value in worker.transport.restore(partition, start):
-        table.apply(key, value, now)
-        n += 1
-        if n % _RESTORE_LOG_EVERY == 0:
-            log.info("stage %s: restoring partition %d: %d records", worker.node.name, partition, n)
+    async for batch in worker.transport.restore(partition, start):
+        table.apply_many(batch, now)
+        if (n + len(batch)) // _RESTORE_LOG_EVERY > n // _RESTORE_LOG_EVERY:
+            log.info(
+                "stage %s: restoring partition %d: %d records",
+                worker.node.name, partition, n + len(batch),
+            )  # fmt: skip
+        n += len(batch)
     seconds = time.monotonic() - began
     worker.gauges()
     worker.stats.restored += n

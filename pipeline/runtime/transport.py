@@ -110,8 +110,11 @@ class Transport(Protocol):
     def resume(self) -> None:
         """Fetch from every owned partition again."""
 
-    def restore(self, partition: int, start: int) -> AsyncIterator[tuple[bytes, bytes | None]]:
-        """The state changelog records of ``partition`` from ``start`` to its current end."""
+    def restore(
+        self, partition: int, start: int
+    ) -> AsyncIterator[list[tuple[bytes, bytes | None]]]:
+        """The state changelog records of ``partition`` from ``start`` to its current end,
+        in batches (as fetched), keyed records only."""
 
     async def state_end(self, partition: int) -> int:
         """The end offset of the state changelog's ``partition``."""

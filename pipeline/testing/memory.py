@@ -254,13 +254,20 @@ class MemoryTransport:
 
     async def restore(
         self, partition: int, start: int
-    ) -> AsyncIterator[tuple[bytes, bytes | None]]:
-        """The state changelog records of ``partition`` from ``start`` to its end."""
+    ) -> AsyncIterator[list[tuple[bytes, bytes | None]]]:
+        """The state changelog records of ``partition`` from ``start`` to its end, in
+        batches of up to 1,000."""
         if self.state_topic is None or self.state_topic not in self.broker._topics:
             return
+        batch: list[tuple[bytes, bytes | None]] = []
         for record in self.broker.records(self.state_topic, partition):
             if record.offset >= start and record.key is not None:
-                yield record.key, record.value
+                batch.append((record.key, record.value))
+                if len(batch) >= 1000:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
 
     async def state_end(self, partition: int) -> int:
         """The end offset of the state changelog's ``partition``."""

@@ -139,6 +139,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run both delivery modes with the dedup table on",
     )
     p.add_argument(
+        "--delivery-concurrency",
+        type=int,
+        default=d.concurrency,
+        metavar="N",
+        help="also run both modes with an I/O-bound async stage at this concurrency (0: skip)",
+    )
+    p.add_argument(
         "--delivery-profile",
         choices=("auto", "always", "never"),
         default=d.profile,
@@ -212,6 +219,7 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                     warmup=args.warmup,
                     big_fetch=args.delivery_big_fetch or None,
                     dedup=args.delivery_dedup,
+                    concurrency=args.delivery_concurrency or None,
                     profile=args.delivery_profile,
                     results=args.results,
                 ),

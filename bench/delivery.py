@@ -10,6 +10,11 @@ input's ``event-id`` exactly once, and the group's committed offsets must cover 
 target (or with ``--profile``) one extra exactly-once run goes under pyinstrument. Optional
 informational variants: exactly-once with larger fetches (more records per transaction) and
 both modes with the dedup table on (its changelog rides in the same transaction).
+
+``alo_c64`` / ``eos_c64``: an I/O-bound async stage (``asyncio.sleep(5 ms)`` per record, the
+``concurrency`` bench's stage) at ``concurrency=64`` with the default dedup policy, under each
+mode; ``eos_c64/alo_c64`` has its own target (>= 0.8): exactly-once commits what finished,
+record by record, as at-least-once does, instead of waiting for a whole fetched batch.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Config:
     warmup: bool = True  # one untimed at-least-once pass first (the broker JVM warms up)
     big_fetch: int | None = 10_000  # also run EOS with this many records per fetch (None: no)
     dedup: bool = False  # also run both modes with the default dedup policy
+    concurrency: int | None = 64  # also run an I/O-bound async stage at this concurrency
     profile: str = "auto"  # "auto": profile an EOS run when below target; "always"; "never"
     results: Path = common.RESULTS
 
@@ -49,6 +55,7 @@ class Variant:
     delivery: str
     batching: Batching = Batching()
     dedup: bool = False
+    concurrency: int | None = None  # the I/O-bound async stage (default dedup) at this
 
 
 def variants(config: Config) -> list[Variant]:
@@ -58,6 +65,12 @@ def variants(config: Config) -> list[Variant]:
         out += [Variant(f"alo_{size}", ALO, big), Variant(f"eos_{size}", EOS, big)]
     if config.dedup:
         out += [Variant("alo_dedup", ALO, dedup=True), Variant("eos_dedup", EOS, dedup=True)]
+    if config.concurrency:
+        c = config.concurrency
+        out += [
+            Variant(f"alo_c{c}", ALO, dedup=True, concurrency=c),
+            Variant(f"eos_c{c}", EOS, dedup=True, concurrency=c),
+        ]
     return out
 
 
@@ -139,6 +152,7 @@ async def _run_one(
         topics=topics,
         batching=variant.batching,
         dedup=variant.dedup,
+        concurrency=variant.concurrency,
         label=variant.label,
         wrap=wrap,
     )
@@ -177,7 +191,7 @@ def _ratios(summaries: dict[str, dict[str, Any]], order: list[Variant]) -> dict[
 
 
 def _same(a: Variant, b: Variant) -> bool:
-    return a.batching == b.batching and a.dedup == b.dedup
+    return a.batching == b.batching and a.dedup == b.dedup and a.concurrency == b.concurrency
 
 
 def _clock_of_best(summary: dict[str, Any]) -> dict[str, Any] | None:
@@ -203,12 +217,14 @@ def _conditions(
         "partitions": config.partitions,
         "keys": config.keys,
         "repeat": config.repeat,
-        "stage": "bench price stage (decode, transform, encode), dedup off unless *_dedup",
+        "stage": "bench price stage (decode, transform, encode), dedup off unless *_dedup; "
+        "*_cN: an async stage sleeping 5 ms per record at concurrency N, default dedup",
         "variants": {
             v.label: {
                 "delivery": v.delivery,
                 "batching": dataclasses.asdict(v.batching),
                 "dedup": v.dedup,
+                "concurrency": v.concurrency,
             }
             for v in order
         },

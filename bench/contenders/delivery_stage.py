@@ -22,7 +22,7 @@ from unittest import mock
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench import common, workload
-from bench.contenders.stage import sync_price_stage, timed_transport
+from bench.contenders.stage import sleepy_stage, sync_price_stage, timed_transport
 from pipeline.dsl import Pipeline, TopicPolicy
 from pipeline.record import ID_HEADER
 from pipeline.runtime import runner
@@ -240,12 +240,17 @@ async def run_delivery(
     topics: common.Topics,
     batching: Batching = Batching(),
     dedup: bool = False,
+    concurrency: int | None = None,
     label: str,
     time_limit: float = 600,
     wrap: Callable[[Awaitable[list[StageStats]]], Awaitable[list[StageStats]]] | None = None,
 ) -> common.RunResult:
-    """Run the price stage with ``delivery`` over ``source`` until commits cover ``target``."""
-    stage = sync_price_stage(dedup=dedup)
+    """Run the price stage with ``delivery`` over ``source`` until commits cover ``target``
+    (with ``concurrency``: the I/O-bound async stage, 5 ms per record, in key lanes)."""
+    if concurrency:
+        stage = sleepy_stage(concurrency, 0.005, dedup=dedup)
+    else:
+        stage = sync_price_stage(dedup=dedup)
     pipeline = Pipeline(
         common.unique("dlv"),
         source=source,

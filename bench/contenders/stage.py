@@ -151,7 +151,7 @@ def sync_price_stage(*, dedup: bool = False, crash_guard: bool = True) -> Stage:
     return price
 
 
-def sleepy_stage(concurrency: int, sleep: float) -> Stage:
+def sleepy_stage(concurrency: int, sleep: float, *, dedup: bool = False) -> Stage:
     """An async stage that waits ``sleep`` seconds per record (a call to a slow service)."""
 
     @stage(
@@ -159,7 +159,7 @@ def sleepy_stage(concurrency: int, sleep: float) -> Stage:
         input=workload.ORDER,
         output=workload.ORDER,
         concurrency=concurrency,
-        dedup=_dedup(False),
+        dedup=_dedup(dedup),
     )
     async def price(order: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(sleep)

@@ -56,7 +56,7 @@ class Commits:
         self.tracker = OffsetTracker()
         self._on_lost = on_lost
         self._lock = asyncio.Lock()
-        self._inflight: asyncio.Task[set[int]] | None = None
+        self._inflight: asyncio.Task[set[int] | None] | None = None
         self._handled: dict[int, int] = {}  # inline: next offset per partition, handled
         self.committed: dict[int, int] = {}  # offsets last handed to a commit
         # The metadata of each partition's commit (see pipeline.runtime.crashes), if any.
@@ -84,30 +84,43 @@ class Commits:
         """Inline: ``partition`` is handled up to ``offset`` (e.g. after an offset reset)."""
         self._handled[partition] = offset
 
-    async def start(self, offsets: dict[int, int], marks: Mapping[int, str] | None = None) -> None:
+    async def start(
+        self,
+        offsets: dict[int, int] | Callable[[], dict[int, int] | None],
+        marks: Mapping[int, str] | None = None,
+    ) -> None:
         """Start committing everything handled so far; at most one commit is in flight.
 
         Args:
-            offsets: Next offset to read, per partition.
+            offsets: Next offset to read, per partition; or a function that says them (or
+                ``None``: nothing to commit) in the step that takes the snapshot (see below).
             marks: Metadata for some of them (others get the :attr:`marker`'s).
         """
         tables = self.table.partitions
-        state = {p: tbl.take_dirty() for p, tbl in tables.items() if tbl.pending}
-        self.committed.update(offsets)
-        metadata = None
-        if self.marker is not None and offsets:
-            marks = marks or {}
-            metadata = self.marker({p: o for p, o in offsets.items() if p not in marks})
-            metadata.update(marks)
-        task = self._inflight = asyncio.create_task(self.transport.commit(offsets, state, metadata))
+
+        async def commit() -> set[int] | None:
+            # The offsets, the state changes and the outputs are taken in one step (the
+            # transport swaps its buffers before its first await): a record a key lane
+            # finishes just before is in all three, one finishing after in none.
+            moved = offsets() if callable(offsets) else offsets
+            if moved is None:
+                return None  # nothing committed (not counted)
+            self.committed.update(moved)
+            metadata = None
+            if self.marker is not None and moved:
+                metadata = self.marker({p: o for p, o in moved.items() if p not in (marks or {})})
+                metadata.update(marks or {})
+            state = {p: tbl.take_dirty() for p, tbl in tables.items() if tbl.pending}
+            return await self.transport.commit(moved, state, metadata)
+
+        task = self._inflight = asyncio.create_task(commit())
         task.add_done_callback(functools.partial(self._timed, time.monotonic()))
-        # Let the commit take its snapshot (the transport swaps its buffers before its first
-        # await) before anything else is appended: records handled from now on belong to the
-        # next commit, even under exactly-once.
+        # Let the commit take its snapshot before anything else is appended: records handled
+        # from now on belong to the next commit, even under exactly-once.
         await asyncio.sleep(0)
 
-    def _timed(self, began: float, task: asyncio.Task[set[int]]) -> None:
-        if not task.cancelled() and task.exception() is None:
+    def _timed(self, began: float, task: asyncio.Task[set[int] | None]) -> None:
+        if not task.cancelled() and task.exception() is None and task.result() is not None:
             self.stats.commit_seconds.observe(time.monotonic() - began)
 
     async def settle(self, handled_since: dict[int, int] | None = None) -> set[int]:
@@ -124,6 +137,8 @@ class Commits:
         if task is None:
             return set()
         lost = await task
+        if lost is None:
+            return set()
         self.stats.commits += 1
         for partition in lost:  # EOS: the transaction did not commit; start over from the log
             if handled_since is not None:
@@ -143,8 +158,12 @@ class Commits:
         self.tracker.clear()
         self._handled.clear()
 
-    async def commit(self, offsets: dict[int, int], marks: Mapping[int, str] | None = None) -> None:
-        """Commit now and wait for it."""
+    async def commit(
+        self,
+        offsets: dict[int, int] | Callable[[], dict[int, int] | None],
+        marks: Mapping[int, str] | None = None,
+    ) -> None:
+        """Commit now and wait for it (``offsets`` as for :meth:`start`)."""
         await self.start(offsets, marks)
         await self.settle()
 
@@ -180,18 +199,29 @@ class Commits:
                 await self.commit({**done, partition: offset}, {partition: mark})
             return lost
 
-    async def flush_finished(self) -> None:
-        """Key lanes: commit the records finished since the last commit."""
+    async def flush_finished(self, ready: Callable[[], bool] | None = None) -> bool:
+        """Key lanes: commit the records finished since the last commit; return whether it
+        committed (or had nothing to), ``False`` when ``ready()``, asked under the commit
+        lock right before the finished records are taken, said not now."""
         async with self._lock:
-            # Nothing awaits between taking the finished records and the transport's commit
-            # swapping out its buffers, so the outputs made durable are exactly those of
-            # ``done``; records finishing meanwhile go to the next commit.
-            # The positions count ``done`` as durable: the transport makes outputs durable
-            # before it commits offsets, and a failure there stops the worker.
-            done = self.tracker.take_finished()
-            if not done and not any(t.pending for t in self.table.partitions.values()):
-                return  # nothing finished since the last commit
-            await self.commit(self.tracker.made_durable(done))
+            refused = False
+
+            def offsets() -> dict[int, int] | None:
+                # In the commit's snapshot step (see start): the finished records taken here
+                # are exactly those whose outputs and state the commit makes durable.
+                # The positions count ``done`` as durable: the transport makes outputs
+                # durable before it commits offsets, and a failure there stops the worker.
+                nonlocal refused
+                if ready is not None and not ready():
+                    refused = True
+                    return None
+                done = self.tracker.take_finished()
+                if not done and not any(t.pending for t in self.table.partitions.values()):
+                    return None  # nothing finished since the last commit
+                return self.tracker.made_durable(done)
+
+            await self.commit(offsets)
+            return not refused
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Partitions that are read again from their committed offset, or not ours any more."""

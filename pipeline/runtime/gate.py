@@ -57,6 +57,9 @@ class Gate:
         self._by_id = mode in (DedupMode.AUTO, DedupMode.EVENT_ID)
         self._parks = stage.on_dead_letter.parks
         self.active = self._by_seq or self._by_id or self._parks  # else the plain path
+        # A record was handled that a second delivery would not find a duplicate (no dedup
+        # for it): exactly-once key lanes must not commit its outputs ahead of its offset.
+        self.unprotected = False
         # The check in front of each record: dedup, plus parks only in park mode.
         self.check = self._check_parked if self._parks else self._check
 
@@ -97,11 +100,14 @@ class Gate:
     def remember(self, msg: Any, table: PartitionTable, mark: Any, writer: bytes, now: int) -> None:
         """The record is handled: later copies of it are duplicates."""
         if mark is False:
+            self.unprotected = True
             return
         kind = type(mark)
         if kind is int:
             table.remember_sequence(msg.key, writer, mark, now)
         elif kind is ReplayMark:
+            if mark.identity is None and (mark.position is None or msg.key is None):
+                self.unprotected = True
             mark.done(table, msg.key, now_ms())
         else:
             table.remember_id(mark, now_ms())
@@ -113,6 +119,7 @@ class Gate:
         replay = ""
         if type(mark) is ReplayMark:
             replay = mark.replay  # not remembered: a later replay may process it
+            self.unprotected = True
         else:
             self.remember(msg, table, mark, writer, now)
         if self._parks and msg.key is not None:

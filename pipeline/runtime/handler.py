@@ -203,6 +203,11 @@ class RecordHandler:
             except CodecError as exc:
                 self._dead(msg, exc, 1, table, False)
 
+    @property
+    def gate(self) -> Gate:
+        """Dedup and parks in front of the stage function."""
+        return self._gate
+
     async def handle_one(self, msg: Any, table: PartitionTable) -> bool:
         """Handle one record (an async stage's, inline or in a key lane, or a released one).
 

@@ -357,11 +357,11 @@ class StageWorker:
                 tracker.finished(msg.partition, msg.offset)
 
         lanes = self._lanes = KeyLanes(concurrency, handle, _lane_room(concurrency))
-        flusher = None if self.exactly_once else asyncio.create_task(self._flush_loop(stop))
+        flusher = asyncio.create_task(self._flush_loop(stop))
         try:
             while not stop.is_set():
                 self._check_fatal()
-                if flusher is not None and flusher.done():
+                if flusher.done():
                     flusher.result()  # the flusher failed: stop with its error, loudly
                 if holds.tripped:
                     await self._trip_lanes(lanes, stop)
@@ -373,11 +373,6 @@ class StageWorker:
                 async with self._lock:
                     self._check_fatal()
                     await self._submit(lanes, batches)
-                    if self.exactly_once and batches:
-                        # A transaction holds whole batches: outputs of a record past an
-                        # unfinished one must not commit before that one's offset does.
-                        await lanes.wait_idle()
-                        await commits.flush_finished()
                     if stats.state == "probing":
                         self.pauses.check_resumed()
             async with self._lock:
@@ -386,10 +381,9 @@ class StageWorker:
         finally:
             await lanes.close()
             self._lanes = None
-            if flusher is not None:
-                flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flusher  # re-raises what made the flusher fail
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher  # re-raises what made the flusher fail
 
     async def _submit(self, lanes: KeyLanes, batches: Mapping[Any, list[Any]]) -> None:
         """Hand a fetched batch to the key lanes (a suspect range first, one chunk at a time)."""
@@ -421,10 +415,33 @@ class StageWorker:
             await self.pauses.wait(stop, self._check_fatal)
 
     async def _flush_loop(self, stop: asyncio.Event) -> None:
+        """Key lanes: commit what finished every ``flush_interval_ms``, record by record (the
+        offsets up to the first unfinished record, the outputs and state of all finished).
+
+        Under exactly-once, outputs of a record past an unfinished one then commit before its
+        offset does: after a crash it is read again, and its second delivery is a duplicate
+        that the state table (committed in the same transaction) drops. A record without
+        dedup (:attr:`Gate.unprotected`) would be handled twice: then the lanes first finish
+        everything in hand, so the offsets cover every output of the transaction.
+        """
         interval = self.batching.flush_interval_ms / 1000
+        gate = self.handler.gate
+
+        def protected() -> bool:
+            return not gate.unprotected
+
         while not stop.is_set():
             await asyncio.sleep(interval)
-            await self.commits.flush_finished()
+            if not self.exactly_once:
+                await self.commits.flush_finished()
+                continue
+            if gate.active and await self.commits.flush_finished(protected):
+                continue
+            async with self._lock:  # no records handed to the lanes meanwhile
+                if self._lanes is not None:
+                    await self._lanes.wait_idle()
+                gate.unprotected = False
+                await self.commits.flush_finished()
 
     # -- the breaker: held records, pauses (see pipeline.runtime.holds) -------------------
 

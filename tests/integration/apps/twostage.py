@@ -1,12 +1,16 @@
 """A two-stage pipeline for crash, state and zombie tests, run by ``pipeline run``.
 
 Environment (read here, by the test app, not by the framework):
-``TWO_PIPELINE`` (name), ``TWO_DELIVERY`` (at_least_once | exactly_once).
+``TWO_PIPELINE`` (name), ``TWO_DELIVERY`` (at_least_once | exactly_once),
+``TWO_CONCURRENCY`` (> 1: the first stage is async, in key lanes, and its records finish out
+of order: each waits 0-3 ms).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,16 @@ SLOW_S = float(os.environ.get("TWO_SLOW_MS", "0")) / 1000  # per record, for the
 def mark(event: dict[str, Any]) -> dict[str, Any]:
     if SLOW_S:
         time.sleep(SLOW_S)
+    event["hops"] += 1
+    return event
+
+
+CONCURRENCY = int(os.environ.get("TWO_CONCURRENCY", "1"))
+
+
+@stage(input=EVENT, output=EVENT, concurrency=max(CONCURRENCY, 2), name="mark")
+async def mark_in_lanes(event: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(random.random() * 0.003)  # an I/O call: later records overtake
     event["hops"] += 1
     return event
 
@@ -49,6 +63,6 @@ def build(name: str | None = None, delivery: str | None = None) -> Pipeline:
             topics=TopicPolicy(3),
             delivery=delivery,
         )
-        | mark
+        | (mark_in_lanes if CONCURRENCY > 1 else mark)
         | count
     )

@@ -98,6 +98,8 @@ class RecordHandler:
         self._plain = not (
             self._gate.active or stage.wants_record or stage.is_async or tracing or self.jobs
         )
+        # f(value) without spans: no Record is built for a sync batch unless a call fails.
+        self._lean = not (stage.wants_record or tracing)
         self._fn = stage.fn
         self.output = Output(transport, node.output_topic, self._encode, stats)
         self.holds = Holds(stage.breaker, clock)
@@ -122,6 +124,7 @@ class RecordHandler:
             self._decode, self._invoke, self.stats, self.holds, self._now,
         )  # fmt: skip
         check, remember, jobs = self._gate.check, self._gate.remember, self.jobs
+        fn = self._fn if self._lean else None
         # Holds change only when a call fails or a release runs (a sync stage has no lanes):
         # read their state once, and again after those.
         active = holds.active
@@ -139,12 +142,14 @@ class RecordHandler:
             except CodecError as exc:
                 self._dead(msg, exc, 0, table, mark, writer)
                 continue
-            record = self._context(msg, value, seq, eid, table)
+            record = None if fn is not None else self._context(msg, value, seq, eid, table)
             try:
-                result = invoke(value, record)
+                result = fn(value) if record is None else invoke(value, record)  # type: ignore[misc]
                 if type(result) is GeneratorType:  # a returned generator: run it here
                     result = list(result)
             except Exception as exc:
+                if record is None:
+                    record = self._context(msg, value, seq, eid, table)
                 result = await self._retry_or_dead_letter(msg, record, exc, mark)
                 active = holds.active
                 if result is _DEAD or result is _HELD:

@@ -63,20 +63,6 @@ class Commits:
         self.marker: Callable[[Mapping[int, int]], dict[int, str]] | None = None
 
     @property
-    def running(self) -> bool:
-        """Whether a commit is in flight and not done yet."""
-        return self._inflight is not None and not self._inflight.done()
-
-    @property
-    def owed(self) -> bool:
-        """Inline: whether records were handled (or state changed) since the last commit."""
-        first = self.holds.first_offsets()
-        committed = self.committed
-        return any(
-            committed.get(p) != min(o, first.get(p, o)) for p, o in self._handled.items()
-        ) or any(t.pending for t in self.table.partitions.values())
-
-    @property
     def finished_in_flight(self) -> bool:
         """Whether a commit is in flight and done (the idle loop accounts for it)."""
         return self._inflight is not None and self._inflight.done()
@@ -180,14 +166,6 @@ class Commits:
         """Commit now and wait for it (``offsets`` as for :meth:`start`)."""
         await self.start(offsets, marks)
         await self.settle()
-
-    async def catch_up(self) -> None:
-        """Inline: commit, and wait for, what batches handled while the last commit ran left
-        for the next one (before partitions are given up, or the worker stops)."""
-        offsets = self.offsets({})
-        await self.settle(offsets)
-        if offsets or self.owed:
-            await self.commit(offsets)
 
     def markable(self, partition: int, offset: int) -> bool:
         """Whether ``partition`` can be committed at ``offset`` now (no held record before)."""

@@ -291,7 +291,9 @@ class StageWorker:
                 await self._verdict_timeout()
             batches = await self._fetch()
             if not batches:
-                await self._idle_commit()
+                if commits.finished_in_flight:
+                    async with self._lock:
+                        await commits.settle()  # idle: account for the last commit now
                 continue
             tripped = False
             async with self._lock:
@@ -324,14 +326,11 @@ class StageWorker:
                 _observe(stats, batches, began)
                 self._in_batch = 0
                 await t.send_ahead()  # outputs leave now, not after the commit in flight
-                # The previous commit ran while this batch was handled. Done: start this
-                # batch's, which runs while the next batch is fetched and handled. Still
-                # running: no wait (a wait here is a hop's latency at a trickle): this batch
-                # joins the next commit; its outputs have left already.
+                # The previous batch's commit ran while this one was handled; finish it, then
+                # start this one's, which runs while the next batch is fetched and handled.
                 offsets = commits.offsets(handled)
-                if tripped or not commits.running:
-                    await commits.settle(offsets)
-                    await commits.start(offsets)
+                await commits.settle(offsets)
+                await commits.start(offsets)
                 if tripped:
                     await commits.settle()
                     await self.pauses.rewind()
@@ -339,20 +338,6 @@ class StageWorker:
                     self.pauses.check_resumed()
             if tripped:
                 await self.pauses.wait(stop, self._check_fatal)
-        if self._fatal is None:
-            async with self._lock:
-                await commits.catch_up()  # what ran while the last commit was in flight
-
-    async def _idle_commit(self) -> None:
-        """Nothing fetched: account for the last commit now, and commit what batches handled
-        while it ran left for the next one."""
-        commits = self.commits
-        if commits.finished_in_flight or (not commits.running and commits.owed):
-            async with self._lock:
-                offsets = commits.offsets({})
-                await commits.settle(offsets)
-                if offsets or commits.owed:
-                    await commits.start(offsets)
 
     # -- concurrency > 1: key lanes ------------------------------------------------------
 

@@ -8,6 +8,7 @@ fastavro errors become :class:`~pipeline.errors.DecodeError` / ``EncodeError`` h
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Final
@@ -70,7 +71,7 @@ class Codec:
         self._writers = store._by_fp  # live: writer schemas added later are found too
         self._last_fp, self._last_writer = b"", None
         self._check = validate_on_encode
-        self._fast = compile_check(schema.parsed)  # valid for sure, or ask fastavro
+        self._fast = _fast_check(schema)  # valid for sure, or ask fastavro
         self._buffer = BytesIO(MAGIC + schema.fingerprint)  # the header stays; bodies follow
         # A record's field names: fastavro drops a dict's extra keys without a word, so a
         # typo in a field name would lose that value silently (see encode).
@@ -173,6 +174,26 @@ class Codec:
         if fp != self._fp:
             what = f"{self._writers[bytes(fp)].name} as {what}"
         return DecodeError(f"corrupt Avro record ({what}): {reason}")
+
+
+_FAST_CHECKS: dict[str, Any] = {}  # schema JSON -> compiled check (codecs are made often)
+_BY_SCHEMA: dict[int, tuple[Schema, Any]] = {}  # id -> (the schema, kept alive; its check)
+
+
+def _fast_check(schema: Schema) -> Any:
+    """The compiled check of ``schema``, compiled once per process: it generates code, which
+    takes milliseconds, and codecs are made per call in places (1 us then, for a schema seen
+    before). Keyed by the whole schema, not its fingerprint: the canonical form leaves out
+    logical types."""
+    known = _BY_SCHEMA.get(id(schema))
+    if known is not None and known[0] is schema:
+        return known[1]
+    key = json.dumps(schema.raw, sort_keys=True)
+    check = _FAST_CHECKS.get(key)
+    if check is None:
+        check = _FAST_CHECKS[key] = compile_check(schema.parsed)
+    _BY_SCHEMA[id(schema)] = (schema, check)
+    return check
 
 
 def _bad_header(data: bytes) -> DecodeError:

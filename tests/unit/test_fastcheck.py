@@ -145,3 +145,12 @@ def test_codec_validate_says_why_and_accepts_fast(tmp_path: Any) -> None:
     assert codec.validate(without_default) is None
     reason = codec.validate(dict(leaf, small="one"))
     assert reason is not None and "small" in reason
+
+
+def test_codecs_of_one_schema_share_one_compiled_check() -> None:
+    """Codecs are made per record in places (a decode per dead letter): the check is compiled
+    once per schema, not per codec."""
+    store = SchemaStore()
+    name = store.add(TREE).name
+    first, second = store.codec(name), store.codec(name)
+    assert first._fast is second._fast

@@ -7,11 +7,12 @@ topic, or a :class:`~stages.table.MemoryTable` - and merges the row into the val
 dead-letter the record (:class:`MissingEntry`, the default), drop it (counted as filtered),
 or carry on with default values.
 
-The stage is async: its first call awaits the table's readiness (a Kafka table loads its
-topic to the end first), so no record is ever enriched from a half-loaded table. Later calls
-find the table ready and do not wait. If the table is not ready within ``ready_timeout``
-seconds, the call raises the retriable :class:`~stages.table.TableUnavailable`: the record is
-retried with the stage's backoff, then dead-lettered.
+The table is loaded before the stage consumes: the worker's setup waits for it (up to
+``ready_timeout`` seconds) before it joins its group, so the first records do not wait for a
+load (a Kafka table reads its topic to the end first). Every call still checks: no record is
+ever enriched from a half-loaded table. If the table is not ready within ``ready_timeout``
+seconds of a call, the call raises the retriable :class:`~stages.table.TableUnavailable`: the
+record is retried with the stage's backoff, then dead-lettered.
 
 Example:
     >>> add_customer = enrich(                                     # doctest: +SKIP
@@ -25,18 +26,22 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import DefinitionError, StageError
+from pipeline.errors import DefinitionError, PipelineError, StageError
 from pipeline.stage import DedupPolicy, RetryPolicy, Stage, stage
 from stages._common import bump, check_positive, field_getter
 from stages.table import Table, TableUnavailable
 
 __all__ = ["Merge", "Missing", "MissingEntry", "OnMissing", "enrich"]
+
+log = logging.getLogger(__name__)
 
 
 class MissingEntry(StageError):
@@ -248,6 +253,21 @@ def enrich(
         bump(counts, "enriched")
         return merge.apply(value, row)
 
+    @contextlib.asynccontextmanager
+    async def load_first() -> AsyncIterator[None]:
+        # The worker's setup: load the table before consuming, so the first records do not
+        # wait for it. A table that does not load is each record's error, as before.
+        if not table.ready:
+            try:
+                async with asyncio.timeout(timeout):
+                    await table.wait_ready()
+            except (TimeoutError, PipelineError) as exc:
+                log.warning(
+                    "stage %s: table %s not loaded before consuming (%s); records wait for "
+                    "it up to %gs each", name, table.name, exc or "timed out", timeout,
+                )  # fmt: skip
+        yield None
+
     # A table loaded from a topic (KafkaTable, or one with a ``topic``): the stage's
     # principal needs READ on it (``pipeline acl``).
     topic = getattr(table, "topic", None)
@@ -259,4 +279,5 @@ def enrich(
         retry=retry,
         dedup=dedup,
         reads=(topic,) if isinstance(topic, str) else (),
+        setup=load_first,
     )(join)

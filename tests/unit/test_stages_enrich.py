@@ -190,3 +190,27 @@ def test_bad_definitions_are_refused() -> None:
         Missing.default(None)
     with pytest.raises(ConfigError, match="bootstrap address and a topic"):
         KafkaTable("", "customers")
+
+
+async def test_the_setup_loads_the_table_before_the_stage_consumes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    table = MemoryTable(CUSTOMERS, ready=False)
+    stage = enrich(
+        "customer", table, on="customer_id", input=ORDER, output=ENRICHED,
+        merge=Merge.fields("tier"), ready_timeout=0.3,
+    )  # fmt: skip
+    assert stage.setup is not None
+    asyncio.get_running_loop().call_later(0.1, table.mark_ready)
+    async with stage.setup():  # the worker enters it before it joins its group
+        assert table.ready
+    # A table that does not load in time: the stage starts anyway (each record waits for it
+    # and is retried, then dead-lettered, as above), and says so.
+    never = enrich(
+        "customer", MemoryTable(CUSTOMERS, ready=False), on="customer_id", input=ORDER,
+        output=ENRICHED, merge=Merge.fields("tier"), ready_timeout=0.05,
+    )  # fmt: skip
+    assert never.setup is not None
+    async with asyncio.timeout(5), never.setup():
+        pass
+    assert "table memory not loaded before consuming" in caplog.text

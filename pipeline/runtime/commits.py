@@ -57,10 +57,37 @@ class Commits:
         self._on_lost = on_lost
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Task[set[int] | None] | None = None
+        self._began = 0.0  # when the commit in flight started (monotonic)
+        self.passed = 0  # inline: records handled since the last commit started
         self._handled: dict[int, int] = {}  # inline: next offset per partition, handled
         self.committed: dict[int, int] = {}  # offsets last handed to a commit
         # The metadata of each partition's commit (see pipeline.runtime.crashes), if any.
         self.marker: Callable[[Mapping[int, int]], dict[int, str]] | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether a commit is in flight and not done yet."""
+        return self._inflight is not None and not self._inflight.done()
+
+    def may_pass(self, records: int, most: int, longest: float) -> bool:
+        """Inline: whether a batch of ``records`` just handled may leave its offsets to the
+        next commit instead of waiting for the one in flight (a wait there is a hop's latency
+        at a trickle): only while that commit is younger than ``longest`` seconds and at most
+        ``most`` records wait for the next one. The bounds keep commits moving when a slow
+        stage blocks the event loop for a whole batch (the commit in flight advances only
+        while the worker awaits), and what a worker holds between two commits within the
+        crash guard's window."""
+        self.passed += records
+        return self.running and self.passed <= most and time.monotonic() - self._began < longest
+
+    @property
+    def owed(self) -> bool:
+        """Inline: whether records were handled (or state changed) since the last commit."""
+        first = self.holds.first_offsets()
+        committed = self.committed
+        return any(
+            committed.get(p) != min(o, first.get(p, o)) for p, o in self._handled.items()
+        ) or any(t.pending for t in self.table.partitions.values())
 
     @property
     def finished_in_flight(self) -> bool:
@@ -113,6 +140,7 @@ class Commits:
             state = {p: tbl.take_dirty() for p, tbl in tables.items() if tbl.pending}
             return await self.transport.commit(moved, state, metadata)
 
+        self.passed, self._began = 0, time.monotonic()
         task = self._inflight = asyncio.create_task(commit())
         task.add_done_callback(functools.partial(self._timed, time.monotonic()))
         # Let the commit take its snapshot before anything else is appended: records handled
@@ -166,6 +194,14 @@ class Commits:
         """Commit now and wait for it (``offsets`` as for :meth:`start`)."""
         await self.start(offsets, marks)
         await self.settle()
+
+    async def catch_up(self) -> None:
+        """Inline: commit, and wait for, what batches handled while the last commit ran left
+        for the next one (before partitions are given up, or the worker stops)."""
+        offsets = self.offsets({})
+        await self.settle(offsets)
+        if offsets or self.owed:
+            await self.commit(offsets)
 
     def markable(self, partition: int, offset: int) -> bool:
         """Whether ``partition`` can be committed at ``offset`` now (no held record before)."""

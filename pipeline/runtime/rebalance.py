@@ -106,6 +106,8 @@ async def revoked(worker: StageWorker, revoked: set[Any]) -> None:
                     if worker._lanes is not None:
                         await worker._lanes.wait_idle()
                         await commits.flush_finished()
+                    elif worker._fatal is None:
+                        await commits.catch_up()  # batches handled while the last ran
                     if worker._fatal is None:
                         await clean_marks(worker, gone)
                 except BrokerError as exc:

@@ -50,6 +50,9 @@ class Batching:
     max_batch_bytes: int = 256 * 1024  # producer batch per partition
     linger_ms: int = 5
     flush_interval_ms: int = 20  # concurrency > 1: how often finished records are flushed
+    # concurrency = 1: how long a commit may run while the next batches are handled before a
+    # handled batch waits for it (see Commits.may_pass)
+    commit_overlap_ms: int = 100
 
 
 class Transport(Protocol):

@@ -111,7 +111,11 @@ class StageWorker:
         # worker may have in hand between two commits (records, and as many transaction
         # markers at most between them).
         concurrency = node.stage.concurrency
-        in_hand = batching.max_records + (_lane_room(concurrency) if concurrency > 1 else 0)
+        # Inline: the commit in flight and the batches handled since (Commits.may_pass),
+        # each up to max_records and a batch.
+        in_hand = batching.max_records + (
+            _lane_room(concurrency) if concurrency > 1 else batching.max_records
+        )
         self.guard = CrashGuard(node.stage.crash, 2 * in_hand, node.name)
         if self.guard.enabled:
             self.commits.marker = self.guard.marks
@@ -291,9 +295,7 @@ class StageWorker:
                 await self._verdict_timeout()
             batches = await self._fetch()
             if not batches:
-                if commits.finished_in_flight:
-                    async with self._lock:
-                        await commits.settle()  # idle: account for the last commit now
+                await self._idle_commit()
                 continue
             tripped = False
             async with self._lock:
@@ -326,11 +328,18 @@ class StageWorker:
                 _observe(stats, batches, began)
                 self._in_batch = 0
                 await t.send_ahead()  # outputs leave now, not after the commit in flight
-                # The previous batch's commit ran while this one was handled; finish it, then
-                # start this one's, which runs while the next batch is fetched and handled.
+                # The previous commit ran while this batch was handled. Done: start this
+                # batch's, which runs while the next batch is fetched and handled. Still
+                # running and young: no wait; this batch joins the next commit (its outputs
+                # have left already). Running too long: wait for it, as a full batch does.
                 offsets = commits.offsets(handled)
-                await commits.settle(offsets)
-                await commits.start(offsets)
+                b = self.batching
+                if tripped or not commits.may_pass(
+                    sum(len(msgs) for msgs in batches.values()),
+                    b.max_records, b.commit_overlap_ms / 1000,
+                ):  # fmt: skip
+                    await commits.settle(offsets)
+                    await commits.start(offsets)
                 if tripped:
                     await commits.settle()
                     await self.pauses.rewind()
@@ -338,6 +347,20 @@ class StageWorker:
                     self.pauses.check_resumed()
             if tripped:
                 await self.pauses.wait(stop, self._check_fatal)
+        if self._fatal is None:
+            async with self._lock:
+                await commits.catch_up()  # what ran while the last commit was in flight
+
+    async def _idle_commit(self) -> None:
+        """Nothing fetched: account for the last commit now, and commit what batches handled
+        while it ran left for the next one."""
+        commits = self.commits
+        if commits.finished_in_flight or (not commits.running and commits.owed):
+            async with self._lock:
+                offsets = commits.offsets({})
+                await commits.settle(offsets)
+                if offsets or commits.owed:
+                    await commits.start(offsets)
 
     # -- concurrency > 1: key lanes ------------------------------------------------------
 

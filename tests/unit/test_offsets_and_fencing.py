@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from pipeline import (
 )
 from pipeline.errors import BrokerError, ConfigError
 from pipeline.runtime.offsets import out_of_range
+from pipeline.runtime.transport import Batching
 from pipeline.runtime.worker import StageWorker
 from pipeline.testing import TestDriver
 from pipeline.testing.memory import MemoryBroker, MemoryTransport
@@ -232,3 +234,63 @@ async def test_a_commit_failing_while_the_broker_is_down_does_not_stop_the_worke
     assert len(out) == 30, "a record whose commit failed was written twice"
     assert stats.recoveries == 1
     assert stats.duplicates == 0, "the state of records never committed was kept"
+
+
+class SlowCommits(MemoryTransport):
+    """A transport whose commits take ``delay`` seconds (a busy broker's round trips)."""
+
+    delay = 0.3
+    started = 0
+
+    async def commit(self, offsets: Any, state: Any, metadata: Any = None) -> set[int]:
+        self.started += 1
+        await asyncio.sleep(self.delay)
+        return await super().commit(offsets, state, metadata)
+
+
+@pytest.mark.parametrize("overlap_ms", [5000, 20])
+async def test_batches_pass_a_young_commit_and_wait_for_an_old_one(overlap_ms: int) -> None:
+    """Inline: a batch handled while the last commit runs joins the next commit instead of
+    waiting for it, while that commit is younger than ``commit_overlap_ms``: the next batch
+    is handled at once. Older, the worker waits for it. Either way everything is committed."""
+    store = SchemaStore()
+    store.add(SCHEMA)
+    handled: list[float] = []
+
+    @stage(input="t.Event", output="t.Event")
+    def keep(event: dict[str, Any]) -> dict[str, Any]:
+        handled.append(asyncio.get_running_loop().time())
+        if event["n"] == 1:
+            time.sleep(0.05)  # a slow batch: blocks the loop (and the commit in flight)
+        return event
+
+    pipeline = Pipeline("p", source="p.in", key="id", schemas=store) | keep
+    node = pipeline.nodes()[0]
+    broker = MemoryBroker()
+    for topic in (node.input_topic, node.output_topic, node.dlq_topic, node.state_topic):
+        assert topic is not None
+        broker.create_topic(topic, 1)
+    transport = SlowCommits(
+        broker, group=node.group, input_topic=node.input_topic, state_topic=node.state_topic
+    )
+    batching = Batching(fetch_wait_ms=1, commit_overlap_ms=overlap_ms)
+    worker = StageWorker(node, pipeline.schemas, transport, batching=batching)
+    codec = pipeline.schemas.codec("t.Event")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    async with asyncio.timeout(10):
+        for n in range(3):  # three batches, one record each, each sent once the last is handled
+            broker.produce(node.input_topic, b"k", codec.encode({"id": "k", "n": n}))
+            while len(handled) <= n:  # noqa: ASYNC110 (polls the stage)
+                await asyncio.sleep(0.001)
+        while broker.lag(node.group, node.input_topic):  # noqa: ASYNC110 (polls the log)
+            await asyncio.sleep(0.005)
+    stop.set()
+    await task
+    first_to_third = handled[2] - handled[0]
+    if overlap_ms > 1000:  # the third batch did not wait for the first batch's commit
+        assert first_to_third < SlowCommits.delay / 2, handled
+    else:  # the first commit was older than 20 ms after the slow batch: that batch waited
+        assert first_to_third >= SlowCommits.delay * 0.9, handled
+    assert len(broker.records(node.output_topic)) == 3
+    assert broker.committed(node.group, node.input_topic) == {0: 3}

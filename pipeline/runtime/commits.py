@@ -57,7 +57,7 @@ class Commits:
         self._on_lost = on_lost
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Task[set[int] | None] | None = None
-        self._began = 0.0  # when the commit in flight started (monotonic)
+        self._began = 0.0  # when the last commit started (monotonic)
         self.passed = 0  # inline: records handled since the last commit started
         self._handled: dict[int, int] = {}  # inline: next offset per partition, handled
         self.committed: dict[int, int] = {}  # offsets last handed to a commit
@@ -69,16 +69,24 @@ class Commits:
         """Whether a commit is in flight and not done yet."""
         return self._inflight is not None and not self._inflight.done()
 
-    def may_pass(self, records: int, most: int, longest: float) -> bool:
-        """Inline: whether a batch of ``records`` just handled may leave its offsets to the
-        next commit instead of waiting for the one in flight (a wait there is a hop's latency
-        at a trickle): only while that commit is younger than ``longest`` seconds and at most
-        ``most`` records wait for the next one. The bounds keep commits moving when a slow
+    def may_pass(self, records: int, most: int, longest: float, interval: float) -> bool:
+        """Inline: whether a batch of ``records`` just handled may leave its offsets to a
+        later commit instead of starting one now (or waiting for the one in flight: a wait
+        there is a hop's latency at a trickle).
+
+        A commit in flight: only while it is younger than ``longest`` seconds. None: only
+        while the last one started less than ``interval`` seconds ago (commits cost round
+        trips and the broker's work; at a trickle they were most of a stage's CPU). Never
+        once more than ``most`` records wait. The bounds keep commits moving when a slow
         stage blocks the event loop for a whole batch (the commit in flight advances only
         while the worker awaits), and what a worker holds between two commits within the
-        crash guard's window."""
+        crash guard's window.
+        """
         self.passed += records
-        return self.running and self.passed <= most and time.monotonic() - self._began < longest
+        if self.passed > most:
+            return False
+        age = time.monotonic() - self._began
+        return age < longest if self.running else age < interval
 
     @property
     def owed(self) -> bool:

@@ -90,6 +90,7 @@ class KafkaTransport:
             heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
             max_poll_records=batching.max_records,
             fetch_max_wait_ms=batching.fetch_wait_ms,
+            fetch_min_bytes=batching.fetch_min_bytes,
             max_partition_fetch_bytes=4 * 1024 * 1024,
             # A topic created just before the stage starts may be missing from the first
             # metadata answer; refresh soon rather than after aiokafka's default 5 minutes.

@@ -47,12 +47,18 @@ class Batching:
 
     max_records: int = 5000  # records per fetch
     fetch_wait_ms: int = 100  # how long a fetch may wait for records
+    # How much a fetch waits for (up to fetch_wait_ms): 1 answers as soon as any record is
+    # there (latency first); more trades up to fetch_wait_ms per hop for fewer, larger
+    # batches at low rates (CPU per record at a trickle: see bench trickle).
+    fetch_min_bytes: int = 1
     max_batch_bytes: int = 256 * 1024  # producer batch per partition
     linger_ms: int = 5
     flush_interval_ms: int = 20  # concurrency > 1: how often finished records are flushed
     # concurrency = 1: how long a commit may run while the next batches are handled before a
-    # handled batch waits for it (see Commits.may_pass)
+    # handled batch waits for it; under at-least-once, how often a commit starts (outputs
+    # leave at once either way; exactly-once commits as soon as it can). See Commits.may_pass.
     commit_overlap_ms: int = 100
+    commit_interval_ms: int = 100
 
 
 class Transport(Protocol):

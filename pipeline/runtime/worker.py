@@ -328,15 +328,17 @@ class StageWorker:
                 _observe(stats, batches, began)
                 self._in_batch = 0
                 await t.send_ahead()  # outputs leave now, not after the commit in flight
-                # The previous commit ran while this batch was handled. Done: start this
-                # batch's, which runs while the next batch is fetched and handled. Still
-                # running and young: no wait; this batch joins the next commit (its outputs
-                # have left already). Running too long: wait for it, as a full batch does.
+                # The previous commit ran while this batch was handled. Still running and
+                # young: no wait; this batch joins a later commit (its outputs have left
+                # already). Running too long: wait for it, as a full batch does. Done: start
+                # this batch's (at-least-once: once commit_interval_ms passed since the last),
+                # which runs while the next batch is fetched and handled.
                 offsets = commits.offsets(handled)
                 b = self.batching
                 if tripped or not commits.may_pass(
-                    sum(len(msgs) for msgs in batches.values()),
-                    b.max_records, b.commit_overlap_ms / 1000,
+                    sum(len(msgs) for msgs in batches.values()), b.max_records,
+                    b.commit_overlap_ms / 1000,
+                    0.0 if self.exactly_once else b.commit_interval_ms / 1000,
                 ):  # fmt: skip
                     await commits.settle(offsets)
                     await commits.start(offsets)

@@ -81,3 +81,15 @@ def test_a_typo_in_an_output_field_is_a_dead_letter_not_a_silent_loss() -> None:
     with pytest.raises(EncodeError, match="totl"):  # the publisher refuses it too
         store.codec("t.E").encode({"id": "a", "totl": 1.0})
     assert store.codec("t.E").encode({"id": "a"})  # a missing field with a default is fine
+
+
+def test_run_batching_options() -> None:
+    """``pipeline run --max-records/--batch-wait-ms``: the worker's batching."""
+    from pipeline.cli.commands import _batching
+    from pipeline.runtime.transport import Batching
+
+    assert _batching(None, 0) == Batching()
+    waited = _batching(500, 40)
+    assert (waited.max_records, waited.fetch_wait_ms) == (500, 40)
+    assert waited.fetch_min_bytes > 64 * 1024  # the broker holds the fetch for a batch
+    assert Batching().fetch_min_bytes == 1  # by default it answers at the first record

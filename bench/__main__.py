@@ -29,6 +29,7 @@ from bench import (
     restore,
     security,
     stage_throughput,
+    trickle,
 )
 from pipeline.broker import open_broker
 from pipeline.config import Settings
@@ -47,6 +48,7 @@ BENCHMARKS = (
     faust_adapter.NAME,
     latency.NAME,
     publisher.NAME,
+    trickle.NAME,
 )
 NO_BROKER = frozenset({dedup_memory.NAME})
 
@@ -110,6 +112,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--latency-seconds", type=float, default=latency.SECONDS, help="latency: seconds"
+    )
+    p.add_argument(
+        "--trickle-rate", type=_positive, default=trickle.RATE, help="trickle: records/s"
+    )
+    p.add_argument(
+        "--trickle-seconds", type=float, default=trickle.SECONDS, help="trickle: seconds"
     )
     p.add_argument("--c1-records", type=_positive, default=c.c1_records)
     p.add_argument("--c64-records", type=_positive, default=c.c64_records)
@@ -278,6 +286,12 @@ async def _run(args: argparse.Namespace, bootstrap: str, broker: str) -> None:
                 partitions=args.partitions, results=args.results,
             )  # fmt: skip
             await latency.run(bootstrap, broker, config, topics)
+        if trickle.NAME in args.only:
+            config = trickle.Config(
+                rate=args.trickle_rate, seconds=args.trickle_seconds,
+                repeat=min(args.repeat, 2), results=args.results,
+            )  # fmt: skip
+            await trickle.run(bootstrap, broker, config, topics)
         if publisher.NAME in args.only:
             config = publisher.Config(
                 records=min(args.records, 100_000), partitions=args.partitions,

@@ -6,7 +6,9 @@ supervisor (each stage instance's HTTP surface).
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 from pipeline.errors import PortInUseError
 
@@ -14,10 +16,43 @@ __all__ = ["check_port_free", "free_port", "port_is_free"]
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Picked below the range the kernel hands out to outgoing connections
+    (``ip_local_port_range``): a port from that range (what binding port 0 gives) can become
+    the local port of some client's connection before the listener that was promised it
+    binds it (a stage's Kafka connections, say): "address already in use".
+    """
+    first, _ = _ephemeral_range()
+    low = 10_000 if first > 12_000 else 1024
+    if first - low >= 1000:
+        for _ in range(50):
+            port = random.randrange(low, first)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux; a usual default
+    elsewhere)."""
+    try:
+        first, last = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return first, last
+
+
+def _bindable(port: int) -> bool:
+    """Whether a listener could bind ``127.0.0.1:port`` now (no SO_REUSEADDR: strict)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def port_is_free(port: int) -> bool:

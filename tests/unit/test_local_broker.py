@@ -194,3 +194,16 @@ def test_cluster_ids_never_start_with_a_dash() -> None:
     assert not [cid for cid in ids if cid.startswith("-")]
     assert all(len(cid) == 22 for cid in ids)
     assert len(set(ids)) == len(ids)
+
+
+def test_free_ports_are_outside_the_range_of_outgoing_connections() -> None:
+    """A port from the ephemeral range can become a client's local port before the listener
+    it was promised binds it (a stage's --http port, taken by its own Kafka connections)."""
+    from pipeline.broker.ports import _ephemeral_range, free_port
+
+    first, last = _ephemeral_range()
+    for _ in range(20):
+        port = free_port()
+        assert not first <= port <= last, (port, first, last)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))  # and a listener can have it

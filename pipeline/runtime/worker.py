@@ -326,7 +326,7 @@ class StageWorker:
                 except Tripped:
                     tripped = True
                 _observe(stats, batches, began)
-                self._in_batch = 0
+                count, self._in_batch = self._in_batch, 0
                 await t.send_ahead()  # outputs leave now, not after the commit in flight
                 # The previous commit ran while this batch was handled. Still running and
                 # young: no wait; this batch joins a later commit (its outputs have left
@@ -336,8 +336,7 @@ class StageWorker:
                 offsets = commits.offsets(handled)
                 b = self.batching
                 if tripped or not commits.may_pass(
-                    sum(len(msgs) for msgs in batches.values()), b.max_records,
-                    b.commit_overlap_ms / 1000,
+                    count, b.max_records, b.commit_overlap_ms / 1000,
                     0.0 if self.exactly_once else b.commit_interval_ms / 1000,
                 ):  # fmt: skip
                     await commits.settle(offsets)

@@ -156,6 +156,18 @@ async def test_an_error_in_a_rebalance_callback_stops_the_worker(
     assert worker.table.partitions == {}  # no state kept, none restored after the fence
 
 
+def one_partition(node: Any, transport: type[MemoryTransport]) -> tuple[MemoryBroker, Any]:
+    """A memory broker with the stage's topics (one partition each), and a ``transport`` on
+    it for the stage."""
+    broker = MemoryBroker()
+    for topic in (node.input_topic, node.output_topic, node.dlq_topic, node.state_topic):
+        assert topic is not None
+        broker.create_topic(topic, 1)
+    return broker, transport(
+        broker, group=node.group, input_topic=node.input_topic, state_topic=node.state_topic
+    )
+
+
 class BrokerDownForCommits(MemoryTransport):
     """A transport whose next ``failures`` commits fail as they do while no broker answers
     (past the client's own retries): nothing of them is written."""
@@ -194,13 +206,7 @@ async def test_a_commit_failing_while_the_broker_is_down_does_not_stop_the_worke
 
     pipeline = Pipeline("p", source="p.in", key="id", schemas=store) | keep
     node = pipeline.nodes()[0]
-    broker = MemoryBroker()
-    for topic in (node.input_topic, node.output_topic, node.dlq_topic, node.state_topic):
-        assert topic is not None
-        broker.create_topic(topic, 1)
-    transport = BrokerDownForCommits(
-        broker, group=node.group, input_topic=node.input_topic, state_topic=node.state_topic
-    )
+    broker, transport = one_partition(node, BrokerDownForCommits)
     worker = StageWorker(node, pipeline.schemas, transport)
     codec = pipeline.schemas.codec("t.Event")
 
@@ -266,13 +272,7 @@ async def test_batches_pass_a_young_commit_and_wait_for_an_old_one(overlap_ms: i
 
     pipeline = Pipeline("p", source="p.in", key="id", schemas=store) | keep
     node = pipeline.nodes()[0]
-    broker = MemoryBroker()
-    for topic in (node.input_topic, node.output_topic, node.dlq_topic, node.state_topic):
-        assert topic is not None
-        broker.create_topic(topic, 1)
-    transport = SlowCommits(
-        broker, group=node.group, input_topic=node.input_topic, state_topic=node.state_topic
-    )
+    broker, transport = one_partition(node, SlowCommits)
     batching = Batching(fetch_wait_ms=1, commit_overlap_ms=overlap_ms)
     worker = StageWorker(node, pipeline.schemas, transport, batching=batching)
     codec = pipeline.schemas.codec("t.Event")

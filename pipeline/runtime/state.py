@@ -18,8 +18,11 @@ Changelog keys start with one byte that says what they hold:
   dead letter is a duplicate); the value is when, in ms.
 
 Parks and replay marks are kept in the local store (not only in memory), so a persistent store
-restored from a checkpoint still has them. (``\\x06`` and ``\\x07`` keys are the event-id time
-index and count of a RocksDB store; they never reach the changelog.)
+restored from a checkpoint still has them. A persistent store holds writer entries in their
+changelog encoding (bytes: no pickling); a memory store holds them decoded (tuples, dicts),
+except the one-writer entries a restore wrote as it read them, decoded when their key is
+looked up (a restore of a million keys decodes none of them). (``\\x06`` and ``\\x07`` keys
+are the event-id time index and count of a RocksDB store; they never reach the changelog.)
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ class PartitionTable:
         "_put_many",
         "_seq_dirty",
         "dirty",
+        "encoded",
         "ids",
         "max_writers",
         "partition",
@@ -212,6 +216,7 @@ class PartitionTable:
     ) -> None:
         policy = policy or DedupPolicy()
         self._put_many = put_many or _update
+        self.encoded = persistent  # writer entries kept as bytes (see the module's docstring)
         self.partition = partition
         self.store = store
         self.stats = stats
@@ -236,6 +241,8 @@ class PartitionTable:
         entry = self.store.get(SEQ_PREFIX + key)
         if entry is None:
             return NEW
+        if type(entry) is bytes:  # a persistent store's
+            entry = writers.decode(entry)
         if type(entry) is tuple:  # one writer (inlined: this runs once per record)
             if entry[0] != writer:
                 return NEW
@@ -253,6 +260,8 @@ class PartitionTable:
         skey = SEQ_PREFIX + key
         store = self.store
         entry = store.get(skey)
+        if type(entry) is bytes:  # a persistent store's
+            entry = writers.decode(entry)
         if entry is None or (type(entry) is tuple and entry[0] == writer):
             entry = (writer, pos, now_ms)  # the common case, inlined
         else:
@@ -261,12 +270,16 @@ class PartitionTable:
             )
             if evicted and self.stats is not None:
                 self.stats.writers_evicted += evicted
+        if self.encoded:
+            entry = writers.encode(entry)
         store[skey] = entry
         self._seq_dirty[skey] = entry
 
     def last_position(self, key: bytes, writer: bytes) -> int | None:
         """The last (sequence, part) position ``writer`` delivered for ``key``, or ``None``."""
         entry = self.store.get(SEQ_PREFIX + key)
+        if type(entry) is bytes:  # a persistent store's
+            entry = writers.decode(entry)
         return None if entry is None else writers.last_of(entry, writer)
 
     # -- event-id dedup ---------------------------------------------------------------------
@@ -311,17 +324,29 @@ class PartitionTable:
         drops a collected one of its key, so the last record of a key wins, as in the log.
         """
         puts: dict[bytes, Any] = {}
-        store = self.store
+        store, encoded = self.store, self.encoded
         decode, expired, ttl = writers.decode, writers.expired, self.writer_ttl_ms
+        horizon, one = now_ms - ttl, writers.ONE_WRITER
         for ckey, value in records:
             head = ckey[:1]
             if head == SEQ_PREFIX and value is not None:
+                if len(value) > 1 and value[0] == one:
+                    # A one-writer entry kept as read: only its "seen" time is looked at (a
+                    # memory store decodes it when its key is next looked up).
+                    end = 2 + value[1]
+                    if int.from_bytes(value[end : end + 8], "big") > horizon:
+                        puts[ckey] = value
+                        continue
+                    self.dirty[ckey] = None  # idle past the writers' TTL: forgotten
+                    puts.pop(ckey, None)
+                    discard(store, ckey)
+                    continue
                 try:
                     entry = expired(decode(value), now_ms, ttl)
                 except (ValueError, IndexError):
                     entry = None  # not this format (an older changelog): the key starts afresh
                 if entry is not None:
-                    puts[ckey] = entry
+                    puts[ckey] = writers.encode(entry) if encoded else entry
                     continue
                 self.dirty[ckey] = None
             elif head == ID_PREFIX:
@@ -358,7 +383,7 @@ class PartitionTable:
                 discard(self.store, ckey)
                 self.dirty[ckey] = None
             else:
-                self.store[ckey] = entry
+                self.store[ckey] = writers.encode(entry) if self.encoded else entry
         else:  # user values, parks and replay marks are kept as the changelog holds them
             self.store[ckey] = value
 
@@ -398,7 +423,9 @@ class PartitionTable:
             heads, head_of, encode = writers._HEADS, writers.head_of, writers.encode
             last_seen, seen_raw = -1, b""
             for skey, entry in self._seq_dirty.items():
-                if type(entry) is tuple:
+                if type(entry) is bytes:  # a persistent store's: encoded already
+                    dirty[skey] = entry
+                elif type(entry) is tuple:
                     writer, pos, seen = entry
                     if seen != last_seen:
                         last_seen, seen_raw = seen, seen.to_bytes(8, "big")

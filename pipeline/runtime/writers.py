@@ -36,6 +36,7 @@ Entry = Any  # tuple[bytes, int, int] | dict[bytes, tuple[int, int]]
 
 _MAX_WRITER_BYTES = 64
 _MANY, _ONE = 1, 2  # the first byte of an encoded entry
+ONE_WRITER = _ONE  # a one-writer entry starts with it (read by a restore's fast path)
 
 
 def writer_id(raw: bytes) -> bytes:

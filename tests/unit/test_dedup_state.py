@@ -289,6 +289,23 @@ def test_apply_many_into_rocksdb_writes_one_batch(tmp_path: Path) -> None:
     stores.close("t", 0, table.store)
 
 
+def test_a_rocksdb_store_an_earlier_version_wrote_still_answers(tmp_path: Path) -> None:
+    """Earlier versions kept writer entries in RocksDB as (pickled) tuples: a store reopened
+    from its checkpoint still answers from them, and the next write is in today's form."""
+    stores = RocksStores(tmp_path)
+    table, _ = StateTable("t", DedupPolicy(), stores).open(0)
+    table.store[SEQ_PREFIX + b"k"] = (b"w", position(7, 0), 10**12)  # as rocksdict kept it
+    assert table.check_sequence(b"k", b"w", position(7, 0)) == DUPLICATE
+    assert table.check_sequence(b"k", b"w", position(8, 0)) == NEW
+    table.remember_sequence(b"k", b"w", position(8, 0), 10**12 + 1)
+    assert type(table.store.get(SEQ_PREFIX + b"k")) is bytes
+    assert table.last_position(b"k", b"w") == position(8, 0)
+    assert table.take_dirty() == {
+        SEQ_PREFIX + b"k": writers.encode((b"w", position(8, 0), 10**12 + 1))
+    }
+    stores.close("t", 0, table.store)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(_changelog_record, max_size=40), st.integers(1, 10))
 def test_a_rocksdb_table_restored_a_batch_at_a_time_answers_as_a_memory_one(
